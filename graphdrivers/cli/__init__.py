@@ -1,0 +1,1 @@
+"""The ``graphdrivers`` command line: one module per verb."""

@@ -1,0 +1,1 @@
+"""The conformance suite: one set of checks every graph driver must pass."""

@@ -1,0 +1,1 @@
+"""The built-in drivers; :mod:`graphdrivers.registry` maps their names to classes."""

@@ -1,0 +1,1 @@
+"""File-tree primitives the drivers share: tree copy, removal, xattrs."""
