@@ -26,6 +26,7 @@ reason is that name, and ``graphdrivers doctor`` prints it with :attr:`NotSuppor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -88,14 +89,14 @@ class ParentNotFound(DriverError):
 class LayerHasChildren(DriverError):
     """``remove`` of a layer that is the parent of other layers."""
 
-    def __init__(self, layer_id: str, children: list[str]) -> None:
+    def __init__(self, layer_id: str, children: Sequence[str]) -> None:
         names = ", ".join(sorted(children))
         super().__init__(
             f"layer {layer_id!r} is the parent of {names}; remove those layers first",
             layer_id=layer_id,
             got=children,
         )
-        self.children = children
+        self.children = list(children)
 
 
 class LayerBusy(DriverError):

@@ -58,9 +58,9 @@ def mount_of(path: Path | str) -> MountEntry | None:
     real = Path(os.path.realpath(path))
     best: MountEntry | None = None
     for entry in mounts():
-        if real == entry.target or entry.target in real.parents:
-            if best is None or len(entry.target.parts) >= len(best.target.parts):
-                best = entry
+        holds = real == entry.target or entry.target in real.parents
+        if holds and (best is None or len(entry.target.parts) >= len(best.target.parts)):
+            best = entry
     return best
 
 
