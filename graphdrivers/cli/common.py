@@ -1,0 +1,305 @@
+"""What every verb of the command line shares: exit codes, driver opening, output, progress.
+
+Exit codes (the same table is in :mod:`graphdrivers.cli.main` and docs/cli.md):
+
+====  =========================================================================
+code  meaning
+====  =========================================================================
+0     success
+1     any other :class:`~graphdrivers.errors.DriverError` (MountError, QuotaExceeded...)
+2     usage error: bad arguments, or binary output refused on a terminal
+3     LayerNotFound, ParentNotFound
+4     LayerExists
+5     LayerBusy, LayerHasChildren, NotMounted
+6     InvalidArchive, BreakoutError
+7     NotSupported (this host lacks something the driver needs)
+8     InvalidLayerId, InvalidOption
+130   interrupted (Ctrl-C)
+====  =========================================================================
+
+Mounts that outlive the process: a CLI process ends after one verb, and a driver's reference
+counts live in its process. ``graphdrivers mount ID`` therefore leaves the layer mounted and
+writes a *CLI mount record* (``HOME/cli-mounts.json``: layer id -> mountpoint, readonly flag)
+under the store lock; ``graphdrivers umount ID`` in a later process finds the record, asks the
+driver to undo the mount and deletes the record. ``rm`` refuses a layer that has a record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, TypeAlias
+
+from graphdrivers.driver import Driver
+from graphdrivers.errors import (
+    BreakoutError,
+    DriverError,
+    InvalidArchive,
+    InvalidLayerId,
+    InvalidOption,
+    LayerBusy,
+    LayerExists,
+    LayerHasChildren,
+    LayerNotFound,
+    NotMounted,
+    NotSupported,
+    ParentNotFound,
+)
+from graphdrivers.ids import LayerId, validate_layer_id
+from graphdrivers.registry import open_driver
+from graphdrivers.store import atomic_write
+
+log = logging.getLogger(__name__)
+
+# What argparse's add_subparsers() returns; each verb module's register() takes it.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+PROG = "graphdrivers"
+DEFAULT_DRIVER = "vfs"
+CLI_MOUNTS_FILE = "cli-mounts.json"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_EXISTS = 4
+EXIT_BUSY = 5
+EXIT_ARCHIVE = 6
+EXIT_NOT_SUPPORTED = 7
+EXIT_INVALID = 8
+EXIT_INTERRUPTED = 130
+
+# Most specific first: BreakoutError is an InvalidArchive, every one is a DriverError.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (LayerNotFound, EXIT_NOT_FOUND),
+    (ParentNotFound, EXIT_NOT_FOUND),
+    (LayerExists, EXIT_EXISTS),
+    (LayerBusy, EXIT_BUSY),
+    (LayerHasChildren, EXIT_BUSY),
+    (NotMounted, EXIT_BUSY),
+    (BreakoutError, EXIT_ARCHIVE),
+    (InvalidArchive, EXIT_ARCHIVE),
+    (NotSupported, EXIT_NOT_SUPPORTED),
+    (InvalidLayerId, EXIT_INVALID),
+    (InvalidOption, EXIT_INVALID),
+    (DriverError, EXIT_ERROR),
+)
+
+
+class UsageError(Exception):
+    """Arguments that parse but make no sense together; exits with :data:`EXIT_USAGE`."""
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The documented exit code for an exception a verb raised."""
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    for kind, code in EXIT_CODES:
+        if isinstance(exc, kind):
+            return code
+    return EXIT_ERROR
+
+
+def error_line(message: object) -> None:
+    """Print the one-line error every failing verb ends with."""
+    text = " ".join(str(message).split()) or "unknown error"
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- drivers and homes
+
+
+def driver_label(spec: str) -> str:
+    """A file-name-safe name for a driver spec (``pkg.mod:Cls`` -> ``pkg.mod_Cls``)."""
+    return spec.replace(":", "_").replace("/", "_")
+
+
+def data_root() -> Path:
+    """``$XDG_DATA_HOME/graphdrivers`` or ``~/.local/share/graphdrivers``."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / PROG
+
+
+def default_home(spec: str) -> Path:
+    return data_root() / driver_label(spec)
+
+
+def home_of(args: argparse.Namespace) -> Path:
+    return Path(args.home) if args.home else default_home(args.driver)
+
+
+def parse_pairs(pairs: Sequence[str] | None, what: str) -> dict[str, str]:
+    """``["k=v", ...]`` -> ``{"k": "v"}``; a pair without ``=`` is an InvalidOption."""
+    out: dict[str, str] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidOption(f"{what} {pair!r} is not of the form key=value")
+        out[key] = value
+    return out
+
+
+def driver_options(args: argparse.Namespace) -> dict[str, str]:
+    return parse_pairs(args.option, "driver option")
+
+
+@contextlib.contextmanager
+def driver_from_args(args: argparse.Namespace, *, keep_mounts: bool = False) -> Iterator[Driver]:
+    """Open the driver the global options name; clean it up afterwards.
+
+    ``keep_mounts`` skips :meth:`Driver.cleanup`, which would undo the mount that
+    ``graphdrivers mount`` is meant to leave in place.
+    """
+    home = home_of(args)
+    log.debug("opening driver %s at %s", args.driver, home)
+    driver = open_driver(args.driver, home, driver_options(args))
+    try:
+        yield driver
+    finally:
+        if not keep_mounts:
+            driver.cleanup()
+
+
+# --------------------------------------------------------------------------- CLI mount records
+
+
+def _records_path(driver: Driver) -> Path:
+    return driver.home / CLI_MOUNTS_FILE
+
+
+def cli_mounts(driver: Driver) -> dict[str, dict[str, Any]]:
+    """Layer id -> {"path", "readonly"} of the mounts ``graphdrivers mount`` left in place."""
+    try:
+        data = json.loads(_records_path(driver).read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise DriverError(
+            f"{_records_path(driver)} is corrupt ({exc}); unmount by hand and delete it",
+            path=_records_path(driver),
+        ) from exc
+    return dict(data)
+
+
+def _write_cli_mounts(driver: Driver, records: Mapping[str, dict[str, Any]]) -> None:
+    path = _records_path(driver)
+    if records:
+        atomic_write(path, json.dumps(dict(records), sort_keys=True, indent=1).encode())
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def record_cli_mount(driver: Driver, layer_id: str, path: Path, readonly: bool) -> None:
+    with driver.store.lock():
+        records = cli_mounts(driver)
+        records[layer_id] = {"path": str(path), "readonly": readonly}
+        _write_cli_mounts(driver, records)
+
+
+def release_cli_mount(driver: Driver, layer_id: str) -> None:
+    """Undo a mount an earlier ``graphdrivers mount`` left, or raise NotMounted."""
+    lid: LayerId = validate_layer_id(layer_id, driver.reserved_ids)
+    with driver.store.lock():
+        records = cli_mounts(driver)
+        if lid not in records:
+            raise NotMounted(lid)
+        # The reference count of the process that mounted is gone with it: ask the driver's
+        # unmount hook directly, which works from the layer's on-disk state.
+        driver._unmount(lid)
+        del records[lid]
+        _write_cli_mounts(driver, records)
+
+
+def refuse_if_cli_mounted(driver: Driver, layer_id: str) -> None:
+    if layer_id in cli_mounts(driver):
+        raise LayerBusy(
+            f"layer {layer_id!r} is mounted by 'graphdrivers mount'; "
+            f"run 'graphdrivers umount {layer_id}' first",
+            layer_id=layer_id,
+        )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def print_json(value: object) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+class Progress:
+    """A ``\\r``-redrawn bar on stderr, shown only when stdout is a terminal."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str, total: int | None = None, *, enabled: bool | None = None):
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.enabled = stdout_is_terminal() if enabled is None else enabled
+        self._last = 0.0
+
+    def advance(self, amount: int = 1, *, note: str = "") -> None:
+        self.done += amount
+        self.draw(note)
+
+    def set(self, done: int, total: int | None = None, note: str = "") -> None:
+        self.done = done
+        if total is not None:
+            self.total = total
+        self.draw(note)
+
+    def draw(self, note: str = "", *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self._last < 0.1):
+            return
+        self._last = now
+        if self.total:
+            frac = min(1.0, self.done / self.total)
+            bar = "#" * int(frac * self.WIDTH)
+            text = f"{self.label} [{bar:<{self.WIDTH}}] {frac * 100:5.1f}% {note}"
+        else:
+            text = f"{self.label} {self.done} {note}"
+        sys.stderr.write("\r" + text[:100].ljust(100))
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()
+
+
+class ProgressReader:
+    """A binary stream wrapper that advances a :class:`Progress` by the bytes read."""
+
+    def __init__(self, stream: BinaryIO, progress: Progress) -> None:
+        self._stream = stream
+        self._progress = progress
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._progress.advance(len(data))
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        n = self._stream.readinto(buf)  # type: ignore[attr-defined]
+        self._progress.advance(n or 0)
+        return n or 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
