@@ -130,6 +130,12 @@ class NodeStore:
         self._cache.pop(blocknr, None)
         self.dirty.discard(blocknr)
 
+    def free_node(self, blocknr: int) -> None:
+        """Free a node of this transaction whose references another node has taken over."""
+        self.metadata_sm.dec(blocknr)
+        self._cache.pop(blocknr, None)
+        self.dirty.discard(blocknr)
+
     def forget(self) -> None:
         """Drop every cached node (after an abort, the blocks may mean something else)."""
         self._cache.clear()
@@ -215,14 +221,22 @@ def _split(store: NodeStore, node: NodeImage) -> list[tuple[int, int]]:
 def remove(
     store: NodeStore, root: int, key: int, refs: Refs, value_size: int
 ) -> tuple[int, bool]:
-    """Remove ``key`` (dropping its value's reference); returns (new root, whether found)."""
+    """Remove ``key`` (dropping its value's reference); returns (new root, whether found).
+
+    Every node but the root keeps at least a third of its capacity, as the kernel's btrees
+    do and ``thin_check`` demands: an underfull node borrows from or merges with a sibling.
+    """
     if lookup(store, root, key) is None:
         return root, False
 
     new_root = _remove(store, root, key, refs)
     node = store.read(new_root)
+    while not node.leaf and len(node.keys) == 1:
+        only = as_u64(node.values[0])
+        store.free_node(new_root)
+        new_root, node = only, store.read(only)
     if not node.keys and not node.leaf:
-        store.release(new_root, refs)
+        store.free_node(new_root)
         return empty_tree(store, value_size), True
     return new_root, True
 
@@ -236,15 +250,38 @@ def _remove(store: NodeStore, blocknr: int, key: int, refs: Refs) -> int:
         return node.blocknr
 
     i = _child_index(node, key)
-    child = _remove(store, as_u64(node.values[i]), key, refs)
-    child_node = store.read(child)
-    if child_node.keys:
-        node.keys[i], node.values[i] = child_node.keys[0], u64(child)
-    else:
-        # An empty child is dropped from its parent rather than kept as a hollow branch.
-        store.release(child, refs)
+    child = store.read(_remove(store, as_u64(node.values[i]), key, refs))
+    node.values[i] = u64(child.blocknr)
+    if child.keys:
+        node.keys[i] = child.keys[0]
+    if len(child.keys) < max_entries(child.value_size) // 3 and len(node.keys) > 1:
+        _rebalance(store, node, i, refs)
+    elif not child.keys:
+        store.free_node(child.blocknr)
         del node.keys[i], node.values[i]
     return node.blocknr
+
+
+def _rebalance(store: NodeStore, parent: NodeImage, i: int, refs: Refs) -> None:
+    """Merge child ``i`` with a neighbour, or even out their entries if both cannot fit."""
+    j = i + 1 if i + 1 < len(parent.keys) else i - 1
+    lo, hi = min(i, j), max(i, j)
+    left = store.shadow(as_u64(parent.values[lo]), refs)
+    right = store.shadow(as_u64(parent.values[hi]), refs)
+    keys, values = left.keys + right.keys, left.values + right.values
+
+    if len(keys) <= max_entries(left.value_size):
+        left.keys, left.values = keys, values
+        store.free_node(right.blocknr)
+        parent.keys[lo], parent.values[lo] = left.keys[0], u64(left.blocknr)
+        del parent.keys[hi], parent.values[hi]
+        return
+
+    half = len(keys) // 2
+    left.keys, left.values = keys[:half], values[:half]
+    right.keys, right.values = keys[half:], values[half:]
+    parent.keys[lo], parent.values[lo] = left.keys[0], u64(left.blocknr)
+    parent.keys[hi], parent.values[hi] = right.keys[0], u64(right.blocknr)
 
 
 def items(store: NodeStore, root: int) -> Iterator[tuple[int, bytes]]:
@@ -266,28 +303,36 @@ def node_blocks(store: NodeStore, root: int) -> Iterator[int]:
             yield from node_blocks(store, as_u64(raw))
 
 
+def _even_chunks(items: list[tuple[int, bytes]], cap: int) -> list[list[tuple[int, bytes]]]:
+    """Split into as few chunks of at most ``cap`` as possible, all of about equal size."""
+    count = -(-len(items) // cap)
+    size, extra = divmod(len(items), count)
+    chunks, start = [], 0
+    for n in range(count):
+        end = start + size + (1 if n < extra else 0)
+        chunks.append(items[start:end])
+        start = end
+    return chunks
+
+
 def build(store: NodeStore, entries: list[tuple[int, bytes]], value_size: int) -> int:
-    """A new tree holding ``entries`` (sorted by key), built bottom-up, full nodes."""
+    """A new tree holding ``entries`` (sorted by key), built bottom-up with even nodes."""
     if not entries:
         return empty_tree(store, value_size)
 
-    cap = max_entries(value_size)
-    level: list[tuple[int, int]] = []
-    for start in range(0, len(entries), cap):
+    level: list[tuple[int, bytes]] = []
+    for chunk in _even_chunks(entries, max_entries(value_size)):
         leaf = store.new(True, value_size)
-        chunk = entries[start : start + cap]
         leaf.keys = [k for k, _ in chunk]
         leaf.values = [v for _, v in chunk]
-        level.append((leaf.keys[0], leaf.blocknr))
+        level.append((leaf.keys[0], u64(leaf.blocknr)))
 
-    internal_cap = max_entries(8)
     while len(level) > 1:
-        upper: list[tuple[int, int]] = []
-        for start in range(0, len(level), internal_cap):
+        upper: list[tuple[int, bytes]] = []
+        for chunk in _even_chunks(level, max_entries(8)):
             node = store.new(False, 8)
-            children = level[start : start + internal_cap]
-            node.keys = [k for k, _ in children]
-            node.values = [u64(b) for _, b in children]
-            upper.append((node.keys[0], node.blocknr))
+            node.keys = [k for k, _ in chunk]
+            node.values = [v for _, v in chunk]
+            upper.append((node.keys[0], u64(node.blocknr)))
         level = upper
-    return level[0][1]
+    return as_u64(level[0][1])

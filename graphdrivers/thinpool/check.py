@@ -81,6 +81,11 @@ class _Walk:
             self.problems.append(f"{what}: {exc}")
             return
 
+        if low is not None and len(node.keys) < node.max_entries // 3:
+            self.problems.append(
+                f"{what}: node {blocknr} has {len(node.keys)} entries, fewer than a third "
+                f"of {node.max_entries}"
+            )
         if node.keys != sorted(set(node.keys)):
             self.problems.append(f"{what}: keys of node {blocknr} are not strictly increasing")
         if node.keys and low is not None and node.keys[0] < low:
