@@ -1,0 +1,530 @@
+"""The tar format, as far as layers use it: header encoding and a streaming, capped reader.
+
+Our own writer and reader instead of :mod:`tarfile`, for three reasons: the writer must produce
+byte-identical output for the same tree (fixed field layout, sorted PAX records, no uname, no
+atime); the reader must enforce caps on names and extended headers *before* buffering them
+(``tarfile`` reads a whole PAX header or GNU long name into memory first); and both must stream
+member data in chunks.
+
+Written form (PAX, as OCI layers use): a ustar header per entry, preceded by a PAX extended
+header (typeflag ``x``) only when a field does not fit ustar: a path or link target longer than
+100 bytes or not ASCII, a uid/gid/size too large for its octal field, an mtime with nanoseconds
+or before 1970, and xattrs (``SCHILY.xattr.<name>``). The archive ends with two zero blocks.
+
+Read forms: ustar/PAX (``x`` and global ``g`` headers; ``SCHILY.xattr.*`` and base64
+``LIBARCHIVE.xattr.*`` xattrs), GNU (``L``/``K`` long names, base-256 numbers) and v7. GNU
+sparse members (typeflag ``S``, ``GNU.sparse.*`` records) and multi-volume parts are refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import os
+import urllib.parse
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from graphdrivers.errors import InvalidArchive
+
+log = logging.getLogger(__name__)
+
+BLOCK = 512
+END_OF_ARCHIVE = bytes(2 * BLOCK)
+ZERO_BLOCK = bytes(BLOCK)
+READ_CHUNK = 1 << 20
+USTAR_MAGIC = b"ustar\x0000"
+GNU_MAGIC = b"ustar  \x00"
+PAX_HEADER_NAME = b"././@PaxHeader"
+
+REGTYPE = b"0"
+AREGTYPE = b"\x00"
+LNKTYPE = b"1"
+SYMTYPE = b"2"
+CHRTYPE = b"3"
+BLKTYPE = b"4"
+DIRTYPE = b"5"
+FIFOTYPE = b"6"
+CONTTYPE = b"7"
+PAX_X = b"x"
+PAX_G = b"g"
+GNU_LONGNAME = b"L"
+GNU_LONGLINK = b"K"
+GNU_SPARSE = b"S"
+MEMBER_TYPES = frozenset({REGTYPE, LNKTYPE, SYMTYPE, CHRTYPE, BLKTYPE, DIRTYPE, FIFOTYPE})
+
+SCHILY_XATTR = "SCHILY.xattr."
+LIBARCHIVE_XATTR = "LIBARCHIVE.xattr."
+NS_PER_SECOND = 1_000_000_000
+_MAX_OCTAL_7 = 0o7777777
+_MAX_OCTAL_11 = 0o77777777777
+
+
+@dataclasses.dataclass(slots=True)
+class TarEntry:
+    """One member as a layer needs it; names are decoded with ``os.fsdecode``."""
+
+    name: str
+    type: bytes
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    atime_ns: int | None = None
+    linkname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, bytes] = dataclasses.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+def _octal(value: int, width: int) -> bytes:
+    """A NUL-terminated zero-padded octal field of ``width`` bytes."""
+    return b"%0*o\x00" % (width - 1, value)
+
+
+def _number(value: int, width: int) -> bytes:
+    """Octal when it fits, else GNU base-256 (used for device numbers only)."""
+    if 0 <= value < 8 ** (width - 1):
+        return _octal(value, width)
+    return b"\x80" + value.to_bytes(width - 1, "big")
+
+
+def _pax_record(key: str, value: bytes) -> bytes:
+    body = b" " + key.encode() + b"=" + value + b"\n"
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length = len(str(length)) + len(body)
+    return str(length).encode() + body
+
+
+def format_pax_time(ns: int) -> bytes:
+    sign = "-" if ns < 0 else ""
+    seconds, frac = divmod(abs(ns), NS_PER_SECOND)
+    return f"{sign}{seconds}.{frac:09d}".encode()
+
+
+def _ustar_block(
+    name: bytes,
+    typeflag: bytes,
+    *,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    linkname: bytes = b"",
+    devmajor: int = 0,
+    devminor: int = 0,
+) -> bytes:
+    block = b"".join(
+        (
+            name[:100].ljust(100, b"\x00"),
+            _octal(mode, 8),
+            _octal(uid, 8),
+            _octal(gid, 8),
+            _octal(size, 12),
+            _octal(mtime, 12),
+            b"        ",
+            typeflag,
+            linkname[:100].ljust(100, b"\x00"),
+            USTAR_MAGIC,
+            bytes(64),  # uname, gname: left empty (OCI ignores them)
+            _number(devmajor, 8),
+            _number(devminor, 8),
+            bytes(167),  # prefix (unused: long names go to PAX) and padding
+        )
+    )
+    checksum = b"%06o\x00 " % sum(block)
+    return block[:148] + checksum + block[156:]
+
+
+def encode_header(entry: TarEntry) -> bytes:
+    """The header block(s) of ``entry``: a PAX header when needed, then the ustar block."""
+    name = os.fsencode(entry.name)
+    link = os.fsencode(entry.linkname)
+    pax: dict[str, bytes] = {}
+
+    if len(name) > 100 or not name.isascii():
+        pax["path"] = name
+    if len(link) > 100 or not link.isascii():
+        pax["linkpath"] = link
+    for key in ("path", "linkpath"):
+        if key in pax and not _is_utf8(pax[key]):
+            pax["hdrcharset"] = b"BINARY"
+    uid, gid, size = entry.uid, entry.gid, entry.size
+    if uid > _MAX_OCTAL_7:
+        pax["uid"], uid = str(uid).encode(), 0
+    if gid > _MAX_OCTAL_7:
+        pax["gid"], gid = str(gid).encode(), 0
+    if size > _MAX_OCTAL_11:
+        pax["size"], size = str(size).encode(), 0
+    seconds = entry.mtime_ns // NS_PER_SECOND
+    if entry.mtime_ns % NS_PER_SECOND or not 0 <= seconds <= _MAX_OCTAL_11:
+        pax["mtime"] = format_pax_time(entry.mtime_ns)
+        seconds = min(max(seconds, 0), _MAX_OCTAL_11)
+    for key, value in entry.xattrs.items():
+        pax[SCHILY_XATTR + key] = value
+
+    block = _ustar_block(
+        name,
+        entry.type,
+        mode=entry.mode,
+        uid=uid,
+        gid=gid,
+        size=size,
+        mtime=seconds,
+        linkname=link,
+        devmajor=entry.devmajor,
+        devminor=entry.devminor,
+    )
+    if not pax:
+        return block
+    records = b"".join(_pax_record(k, pax[k]) for k in sorted(pax))
+    pax_block = _ustar_block(
+        PAX_HEADER_NAME, PAX_X, mode=0o644, uid=0, gid=0, size=len(records), mtime=0
+    )
+    return pax_block + records + padding(len(records)) + block
+
+
+def padding(size: int) -> bytes:
+    """Zero bytes that bring ``size`` up to a whole block."""
+    return bytes(-size % BLOCK)
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadLimits:
+    """Caps a reader enforces before it buffers or accepts anything (see ApplyOptions)."""
+
+    max_bytes: int
+    max_entries: int
+    max_name_bytes: int
+    max_pax_bytes: int
+
+
+class _Input:
+    """Exact-length reads from a stream, counting every byte pulled against ``max_bytes``."""
+
+    def __init__(self, raw: BinaryIO, max_bytes: int) -> None:
+        self._raw = raw
+        self._max = max_bytes
+        self._buf = b""
+        self._pos = 0
+        self._pulled = 0
+        self.offset = 0  # bytes consumed so far, for messages
+
+    def _pull(self, size: int) -> bytes:
+        data = self._raw.read(size)
+        self._pulled += len(data)
+        if self._pulled > self._max:
+            raise InvalidArchive(
+                f"layer tar is larger than the cap of {self._max} bytes (max_bytes)",
+                expected=self._max,
+            )
+        return data
+
+    def read_exact(self, size: int, what: str) -> bytes:
+        """``size`` bytes, or InvalidArchive saying the stream ends inside ``what``."""
+        end = self._pos + size
+        if end <= len(self._buf):
+            data = self._buf[self._pos : end]
+            self._pos = end
+            self.offset += size
+            return data
+
+        parts = [self._buf[self._pos :]]
+        got = len(parts[0])
+        while got < size:
+            piece = self._pull(max(READ_CHUNK, size - got))
+            if not piece:
+                raise InvalidArchive(
+                    f"layer tar is truncated: it ends inside {what} at byte {self.offset + got}"
+                )
+            parts.append(piece)
+            got += len(piece)
+        joined = b"".join(parts)
+        self._buf, self._pos = joined, size
+        self.offset += size
+        return joined[:size]
+
+    def read_some(self, limit: int, what: str) -> bytes:
+        """Between 1 and ``limit`` bytes (limit > 0), or InvalidArchive at end of stream."""
+        avail = len(self._buf) - self._pos
+        if avail:
+            n = min(avail, limit)
+            data = self._buf[self._pos : self._pos + n]
+            self._pos += n
+            self.offset += n
+            return data
+        piece = self._pull(min(limit, READ_CHUNK))
+        if not piece:
+            raise InvalidArchive(
+                f"layer tar is truncated: it ends inside {what} at byte {self.offset}"
+            )
+        self.offset += len(piece)
+        return piece
+
+    def at_eof(self) -> bool:
+        """True if no byte is left (reading ahead into the buffer to find out)."""
+        if len(self._buf) > self._pos:
+            return False
+        self._buf, self._pos = self._pull(READ_CHUNK), 0
+        return not self._buf
+
+
+def _parse_number(field: bytes, what: str) -> int:
+    if field and field[0] & 0x80:
+        value = int.from_bytes(field[1:], "big")
+        return -value if field[0] == 0xFF else value
+    text = field.split(b"\x00", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError as exc:
+        raise InvalidArchive(f"bad tar header: {what} field {field!r} is not a number") from exc
+
+
+def _cstring(field: bytes) -> bytes:
+    return field.split(b"\x00", 1)[0]
+
+
+def _check_checksum(block: bytes, offset: int) -> None:
+    stored = _parse_number(block[148:156], "checksum")
+    unsigned = sum(block[:148]) + 256 + sum(block[156:])
+    if stored == unsigned:
+        return
+    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)
+    if stored != signed:
+        raise InvalidArchive(f"bad tar header checksum at byte {offset}: not a tar stream?")
+
+
+def _parse_pax(data: bytes, offset: int) -> dict[str, bytes]:
+    records: dict[str, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:  # some writers pad the record area with NULs
+            break
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError as exc:
+            raise InvalidArchive(f"bad PAX record length at byte {offset + pos}") from exc
+        record = data[space + 1 : pos + length]
+        if length <= 0 or space < 0 or not record.endswith(b"\n") or b"=" not in record:
+            raise InvalidArchive(f"bad PAX record at byte {offset + pos}")
+        key, _, value = record[:-1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value
+        pos += length
+    return records
+
+
+def _parse_pax_time(value: bytes) -> int:
+    text = value.decode("ascii", "replace")
+    negative = text.startswith("-")
+    whole, _, frac = text.lstrip("-").partition(".")
+    try:
+        ns = int(whole or "0") * NS_PER_SECOND + int((frac + "000000000")[:9] or "0")
+    except ValueError as exc:
+        raise InvalidArchive(f"bad PAX time {value!r}") from exc
+    return -ns if negative else ns
+
+
+class TarReader:
+    """Iterate the members of a tar stream; read each member's data with :meth:`data`.
+
+    Data not read before the next iteration step is skipped. Every cap in ``limits`` is checked
+    before the bytes it guards are buffered.
+    """
+
+    def __init__(self, stream: BinaryIO, limits: ReadLimits) -> None:
+        self._in = _Input(stream, limits.max_bytes)
+        self._limits = limits
+        self._global: dict[str, bytes] = {}
+        self._remaining = 0
+        self._pad = 0
+        self.entries = 0
+
+    def __iter__(self) -> Iterator[TarEntry]:
+        while True:
+            self._skip_rest()
+            entry = self._next_entry()
+            if entry is None:
+                return
+            self._remaining = entry.size
+            self._pad = -entry.size % BLOCK
+            yield entry
+
+    def data(self) -> Iterator[bytes]:
+        """The current member's data, in chunks of at most :data:`READ_CHUNK` bytes."""
+        while self._remaining:
+            piece = self._in.read_some(min(self._remaining, READ_CHUNK), "member data")
+            self._remaining -= len(piece)
+            yield piece
+
+    def _skip_rest(self) -> None:
+        while self._remaining:
+            piece = self._in.read_some(min(self._remaining, READ_CHUNK), "member data")
+            self._remaining -= len(piece)
+        if self._pad:
+            self._in.read_exact(self._pad, "member padding")
+            self._pad = 0
+
+    def _read_block(self) -> bytes | None:
+        """The next header block, or None at the end-of-archive marker."""
+        offset = self._in.offset
+        if self._in.at_eof():
+            raise InvalidArchive(
+                f"layer tar ends at byte {offset} without its end-of-archive marker "
+                "(truncated, or not a tar stream)"
+            )
+        block = self._in.read_exact(BLOCK, "a header")
+        if block == ZERO_BLOCK:
+            return None
+        _check_checksum(block, offset)
+        return block
+
+    def _read_extension(self, size: int, cap: int, what: str) -> bytes:
+        if size > cap:
+            raise InvalidArchive(
+                f"{what} of {size} bytes is over the cap of {cap} bytes", expected=cap, got=size
+            )
+        data = self._in.read_exact(size, what)
+        self._in.read_exact(-size % BLOCK, "padding")
+        return data
+
+    def _next_entry(self) -> TarEntry | None:
+        pax: dict[str, bytes] = {}
+        long_name: bytes | None = None
+        long_link: bytes | None = None
+        limits = self._limits
+
+        while True:
+            offset = self._in.offset
+            block = self._read_block()
+            if block is None:
+                return None
+            typeflag = block[156:157]
+            size = _parse_number(block[124:136], "size")
+            if size < 0:
+                raise InvalidArchive(f"negative member size at byte {offset}")
+
+            if typeflag in (PAX_X, PAX_G):
+                data = self._read_extension(size, limits.max_pax_bytes, "a PAX header")
+                records = _parse_pax(data, offset)
+                if typeflag == PAX_G:
+                    self._global.update(records)
+                else:
+                    pax.update(records)
+            elif typeflag in (GNU_LONGNAME, GNU_LONGLINK):
+                data = self._read_extension(size, limits.max_name_bytes, "a GNU long name")
+                if typeflag == GNU_LONGNAME:
+                    long_name = _cstring(data)
+                else:
+                    long_link = _cstring(data)
+            else:
+                self.entries += 1
+                if self.entries > limits.max_entries:
+                    raise InvalidArchive(
+                        f"layer tar has more than {limits.max_entries} entries (max_entries)",
+                        expected=limits.max_entries,
+                    )
+                return self._member(
+                    block, typeflag, size, {**self._global, **pax}, long_name, long_link, offset
+                )
+
+    def _member(
+        self,
+        block: bytes,
+        typeflag: bytes,
+        size: int,
+        pax: dict[str, bytes],
+        long_name: bytes | None,
+        long_link: bytes | None,
+        offset: int,
+    ) -> TarEntry:
+        name = _cstring(block[0:100])
+        if block[257:265] == USTAR_MAGIC:
+            prefix = _cstring(block[345:500])
+            if prefix:
+                name = prefix + b"/" + name
+        name = pax.get("path", long_name if long_name is not None else name)
+        if long_link is None:
+            long_link = _cstring(block[157:257])
+        link = pax.get("linkpath", long_link)
+        for what, value in (("name", name), ("link target", link)):
+            if len(value) > self._limits.max_name_bytes:
+                raise InvalidArchive(
+                    f"entry {what} of {len(value)} bytes is over the cap of "
+                    f"{self._limits.max_name_bytes} (max_name_bytes)",
+                    expected=self._limits.max_name_bytes,
+                    got=len(value),
+                )
+
+        if typeflag == GNU_SPARSE or any(k.startswith("GNU.sparse.") for k in pax):
+            raise InvalidArchive(f"entry {name!r}: GNU sparse members are not supported")
+        if typeflag == AREGTYPE and name.endswith(b"/"):
+            typeflag = DIRTYPE
+        elif typeflag in (AREGTYPE, CONTTYPE):
+            typeflag = REGTYPE
+        if typeflag not in MEMBER_TYPES:
+            raise InvalidArchive(
+                f"entry {name!r} at byte {offset} has unsupported tar type {typeflag!r}"
+            )
+
+        entry = TarEntry(
+            name=os.fsdecode(name),
+            type=typeflag,
+            mode=_parse_number(block[100:108], "mode") & 0o7777,
+            uid=_parse_number(block[108:116], "uid"),
+            gid=_parse_number(block[116:124], "gid"),
+            size=size,
+            mtime_ns=_parse_number(block[136:148], "mtime") * NS_PER_SECOND,
+            linkname=os.fsdecode(link),
+            devmajor=_parse_number(block[329:337], "devmajor"),
+            devminor=_parse_number(block[337:345], "devminor"),
+        )
+        if pax:
+            _apply_pax(entry, pax)
+        if entry.size < 0:
+            raise InvalidArchive(f"entry {entry.name!r} has a negative size")
+        if entry.type != REGTYPE:
+            entry.size = 0  # header-only types carry no data, whatever the field says
+        return entry
+
+
+def _apply_pax(entry: TarEntry, pax: dict[str, bytes]) -> None:
+    for key, value in pax.items():
+        if key in ("uid", "gid", "size"):
+            try:
+                number = int(value)
+            except ValueError as exc:
+                raise InvalidArchive(f"entry {entry.name!r}: bad PAX {key} {value!r}") from exc
+            setattr(entry, key, number)
+        elif key == "mtime":
+            entry.mtime_ns = _parse_pax_time(value)
+        elif key == "atime":
+            entry.atime_ns = _parse_pax_time(value)
+        elif key.startswith(SCHILY_XATTR):
+            entry.xattrs[key[len(SCHILY_XATTR) :]] = value
+        elif key.startswith(LIBARCHIVE_XATTR):
+            xname = urllib.parse.unquote(key[len(LIBARCHIVE_XATTR) :])
+            try:
+                entry.xattrs[xname] = base64.b64decode(value, validate=False)
+            except ValueError as exc:
+                raise InvalidArchive(f"entry {entry.name!r}: bad base64 xattr {xname}") from exc
