@@ -12,6 +12,7 @@ from graphdrivers.errors import InvalidOption
 # name -> "module:Class"; a driver joins by adding its line here.
 BUILTIN_DRIVERS: dict[str, str] = {
     "vfs": "graphdrivers.drivers.vfs:VfsDriver",
+    "overlay": "graphdrivers.drivers.overlay:OverlayDriver",
 }
 
 DriverFactory = Callable[[Path, Mapping[str, str]], Driver]

@@ -1,0 +1,294 @@
+"""The ``union`` driver: layers merged by fusemount, our FUSE union filesystem, one daemon a mount.
+
+The on-disk layout is the overlay driver's (:mod:`graphdrivers.drivers.unionfs.layout`); what
+differs is who merges the layers. Every mounted layer gets its own fusemount daemon (pyfuse3
+holds one session per process), started with fuse-overlayfs's command line from the home
+directory, so the layer paths stay short whatever the depth::
+
+    cd HOME && fusemount -o lowerdir=l/<A>:l/<B>,upperdir=<id>/diff,workdir=<id>/work,
+                            whiteout=overlay HOME/<id>/merged
+
+The command returns once the mount is live. The daemon's PID is then written to
+``HOME/<id>/daemon.pid`` so that ``put`` (and a later process's ``cleanup``) can wait for it to
+exit after ``fusermount3 -u``. A read-only mount (``get(readonly=True)``, or a layer with
+children) has no upper: ``lowerdir=<id>/diff:l/<A>:...``.
+
+A daemon that died under a mount leaves a dead mount (``statvfs`` fails with ENOTCONN) or none
+at all (``auto_unmount``). The next ``get`` of that layer notices, detaches what is left
+(``fusermount3 -u -z``) and starts a new daemon, keeping the reference count.
+
+Driver options:
+
+``whiteout``
+    ``overlay`` (character device 0/0 and the ``trusted.overlay.opaque`` xattr, as kernel
+    overlayfs) or ``aufs`` (``.wh.<name>`` files and ``.wh..wh..opq``, which need no CAP_MKNOD).
+    The default is ``overlay`` when this process has CAP_MKNOD, ``aufs`` otherwise. fusemount
+    reads both formats whatever this says; it decides what deletions write.
+``mount_program``
+    The FUSE program to run: ``fusemount`` (default: the console script next to this Python,
+    or ``python -m fusemount.main``) or a path to another one with the same command line, such
+    as ``/usr/bin/fuse-overlayfs`` to compare against the reference implementation (overlay
+    whiteouts only).
+
+Needs ``/dev/fuse`` and ``fusermount3`` (the fuse3 package).
+
+Limitations:
+
+- Mounts are reference-counted per driver object; two processes mounting the same layer of
+  one home at once share ``merged/`` and the second replaces the first one's daemon.
+- A diff against the direct parent reads ``diff/`` directly, except while the layer is mounted
+  writable: then it is the naive diff through the mount, since the daemon's writeback cache
+  may hold data not yet written to ``diff/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import ClassVar
+
+from graphdrivers.errors import InvalidOption, MountError, NotSupported
+from graphdrivers.fsutil.fstype import mounts_under
+from graphdrivers.ids import LayerId, validate_layer_id
+from graphdrivers.store import atomic_write
+from graphdrivers.whiteout import WhiteoutFormat
+
+from .unionfs.base import UnionDriverBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MOUNT_PROGRAM = "fusemount"
+FUSERMOUNT = "fusermount3"
+FUSE_DEVICE = "/dev/fuse"
+PROC_STATUS = "/proc/self/status"
+CAP_MKNOD = 27
+#: the deepest stack this driver makes (fusemount has no kernel limit; this bounds one mount's
+#: open directory fds and its command line)
+UNION_MAX_DEPTH = 2000
+#: seconds to wait for a mount program to report its mount live, or a daemon to exit
+MOUNT_TIMEOUT = 60.0
+EXIT_TIMEOUT = 30.0
+
+
+def has_capability(bit: int) -> bool:
+    """True if capability number ``bit`` is in this process's effective set."""
+    try:
+        with open(PROC_STATUS, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except OSError:
+        pass
+    return os.geteuid() == 0
+
+
+def default_mount_program() -> list[str]:
+    """The command that runs fusemount with the Python running this driver."""
+    script = Path(sys.executable).with_name(DEFAULT_MOUNT_PROGRAM)
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "fusemount.main"]
+
+
+class UnionDriver(UnionDriverBase):
+    """The shared union layout merged by one fusemount daemon a mount (see module docstring)."""
+
+    name: ClassVar[str] = "union"
+    known_options: ClassVar[frozenset[str]] = frozenset({"whiteout", "mount_program"})
+    max_depth: ClassVar[int] = UNION_MAX_DEPTH
+
+    def __init__(self, home: Path | str, options: Mapping[str, str] | None = None) -> None:
+        opts = dict(options or {})
+        default = WhiteoutFormat.OVERLAY if has_capability(CAP_MKNOD) else WhiteoutFormat.AUFS
+        try:
+            self._whiteout = WhiteoutFormat(opts.get("whiteout", default.value))
+        except ValueError as exc:
+            raise InvalidOption(
+                f"union: whiteout={opts['whiteout']!r}; use overlay or aufs"
+            ) from exc
+
+        program = opts.get("mount_program", DEFAULT_MOUNT_PROGRAM)
+        if program == DEFAULT_MOUNT_PROGRAM:
+            self.mount_command = default_mount_program()
+            self._passes_whiteout = True
+        else:
+            found = shutil.which(program)
+            if found is None:
+                raise InvalidOption(f"union: mount_program {program!r} not found")
+            self.mount_command = [found]
+            self._passes_whiteout = False
+            if self._whiteout is not WhiteoutFormat.OVERLAY:
+                raise InvalidOption(
+                    f"union: mount_program {program!r} writes overlay whiteouts only; "
+                    "whiteout=aufs needs fusemount"
+                )
+        super().__init__(home, opts)
+
+    @property
+    def whiteout_format(self) -> WhiteoutFormat:
+        return self._whiteout
+
+    def _check_host(self) -> None:
+        if not os.path.exists(FUSE_DEVICE):
+            raise NotSupported(f"device {FUSE_DEVICE}", hint="modprobe fuse", driver=self.name)
+        if shutil.which(FUSERMOUNT) is None:
+            raise NotSupported(
+                f"tool {FUSERMOUNT}", hint="apt-get install fuse3", driver=self.name
+            )
+        if self._whiteout is WhiteoutFormat.OVERLAY and not has_capability(CAP_MKNOD):
+            raise NotSupported(
+                "privilege CAP_MKNOD for overlay whiteouts",
+                hint="use whiteout=aufs",
+                driver=self.name,
+            )
+
+    # ---------------------------------------------------------------- mounting
+
+    def get(self, layer_id: str, *, readonly: bool = False) -> Path:
+        """As :meth:`Driver.get`, but a mount whose daemon died is remounted first."""
+        lid = validate_layer_id(layer_id, self.reserved_ids)
+        with self._refs_lock:
+            if self._refs.get(lid, 0) > 0 and not self._mount_alive(lid):
+                log.info("layer %s: its fusemount daemon is gone; remounting", lid)
+                record = self.store.require(lid)
+                self._mount(record, lid in self._readonly_mounts)
+            return super().get(layer_id, readonly=readonly)
+
+    def _mount_alive(self, layer_id: LayerId) -> bool:
+        """True if merged/ is a FUSE mount that answers."""
+        merged = self.layout.merged_dir(layer_id)
+        if not any(e.target == merged for e in mounts_under(merged)):
+            return False
+        try:
+            os.statvfs(merged)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                return False
+            raise
+        return True
+
+    def _mount_stack(self, layer_id: LayerId, lowers: list[Path], readonly: bool) -> None:
+        home = self.layout.home
+        options = ["lowerdir=" + ":".join(os.fspath(p.relative_to(home)) for p in lowers)]
+        if not readonly:
+            options.append(f"upperdir={self.layout.diff_dir(layer_id).relative_to(home)}")
+            options.append(f"workdir={self.layout.work_dir(layer_id).relative_to(home)}")
+        if self._passes_whiteout:
+            options.append(f"whiteout={self._whiteout.value}")
+
+        merged = self.layout.merged_dir(layer_id)
+        command = [*self.mount_command, "-o", ",".join(options), os.fspath(merged)]
+        log.debug("layer %s: running %s", layer_id, command)
+        try:
+            proc = subprocess.run(
+                command,
+                cwd=home,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=MOUNT_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise MountError(
+                f"running {command[0]} for {merged} failed: {exc}", path=merged
+            ) from exc
+        if proc.returncode != 0:
+            detail = proc.stderr.decode(errors="replace").strip()
+            raise MountError(
+                f"{command[0]} could not mount layer {layer_id!r} at {merged} "
+                f"(exit status {proc.returncode}): {detail}",
+                layer_id=layer_id,
+                path=merged,
+            )
+
+        pid = find_daemon(merged)
+        if pid is not None:
+            atomic_write(self.layout.pid_file(layer_id), f"{pid}\n".encode(), 0o644)
+        log.debug("layer %s: fusemount daemon %s serves %s", layer_id, pid, merged)
+
+    def _unmount_stack(self, layer_id: LayerId) -> None:
+        merged = self.layout.merged_dir(layer_id)
+        pid = self._recorded_pid(layer_id)
+        proc = subprocess.run(
+            [FUSERMOUNT, "-u", os.fspath(merged)], capture_output=True, check=False
+        )
+        if proc.returncode != 0:
+            detail = proc.stderr.decode(errors="replace").strip()
+            log.debug("fusermount3 -u %s failed (%s); detaching it", merged, detail)
+            self._detach_stale(merged)
+        if pid is not None:
+            wait_for_exit(pid, EXIT_TIMEOUT)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.layout.pid_file(layer_id))
+
+    def _detach_stale(self, mountpoint: Path) -> None:
+        """Lazily unmount a FUSE mount (alive or dead) and wait for its daemon to go."""
+        pid = find_daemon(mountpoint)
+        proc = subprocess.run(
+            [FUSERMOUNT, "-u", "-z", os.fspath(mountpoint)], capture_output=True, check=False
+        )
+        if proc.returncode != 0 and any(e.target == mountpoint for e in mounts_under(mountpoint)):
+            detail = proc.stderr.decode(errors="replace").strip()
+            raise MountError(f"could not unmount {mountpoint}: {detail}", path=mountpoint)
+        if pid is not None:
+            wait_for_exit(pid, EXIT_TIMEOUT)
+
+    def _recorded_pid(self, layer_id: LayerId) -> int | None:
+        try:
+            return int(self.layout.pid_file(layer_id).read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+def find_daemon(mountpoint: Path) -> int | None:
+    """The PID of the FUSE daemon serving ``mountpoint``, found through /proc, or None.
+
+    A daemon is a process whose command line ends with the mountpoint and that holds
+    ``/dev/fuse`` open. (fuse-overlayfs and fusemount both detach from the process that started
+    them, so the PID of that process is not the daemon's.)
+    """
+    wanted = os.fsencode(mountpoint)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().rstrip(b"\0").split(b"\0")
+            if args[-1] != wanted or not _holds_fuse_device(int(entry)):
+                continue
+        except OSError:
+            continue
+        return int(entry)
+    return None
+
+
+def _holds_fuse_device(pid: int) -> bool:
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"{fd_dir}/{fd}") == FUSE_DEVICE:
+                return True
+    return False
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` has exited (through a pidfd); False on timeout."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if not ready:
+        log.warning("fusemount daemon %d did not exit within %.0f s", pid, timeout)
+    return bool(ready)
