@@ -287,11 +287,13 @@ def unpack_bitmap(block: bytes, blocknr: int, nr_entries: int) -> list[int]:
     verify(block, blocknr, BITMAP_CSUM_XOR, "space map bitmap")
     nwords = (BLOCK_SIZE - BITMAP_HEADER_SIZE) // 8
     words = struct.unpack_from(f"<{nwords}Q", block, BITMAP_HEADER_SIZE)
-    out = []
-    for e in range(nr_entries):
-        w = words[e // 32]
-        shift = 2 * (e % 32)
-        out.append((((w >> shift) & 1) << 1) | ((w >> (shift + 1)) & 1))
+    out = [0] * nr_entries
+    for wi, w in enumerate(words):
+        if not w or wi * 32 >= nr_entries:
+            continue  # free space is all-zero words: skip it cheaply
+        for e in range(wi * 32, min(wi * 32 + 32, nr_entries)):
+            shift = 2 * (e % 32)
+            out[e] = (((w >> shift) & 1) << 1) | ((w >> (shift + 1)) & 1)
     return out
 
 
