@@ -234,7 +234,7 @@ class ThinDeviceFS(pyfuse3.Operations):
         log.debug("message: %s", text)
         try:
             self._dispatch(words)
-        except (DeviceExists,) as exc:
+        except DeviceExists as exc:
             log.info("message %r: %s", text, exc)
             raise pyfuse3.FUSEError(errno.EEXIST) from None
         except DeviceNotFound as exc:
