@@ -99,7 +99,7 @@ def export_image(
             descriptor["size"],
         )
 
-    config = _config(chain, diff_ids)
+    config = _config(diff_ids)
     config_desc = _write_json_blob(blobs, config, "application/vnd.oci.image.config.v1+json")
     manifest = {
         "schemaVersion": 2,
@@ -195,14 +195,16 @@ class _HashingFile:
         return bool(self._target.closed)
 
 
-def _config(chain: list[LayerId], diff_ids: list[Digest]) -> dict[str, Any]:
+def _config(diff_ids: list[Digest]) -> dict[str, Any]:
     arch = oci.host_platform().split("/")[1]
     return {
         "architecture": arch,
         "os": "linux",
         "config": {},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "history": [{"created_by": f"graphdrivers layer {layer_id}"} for layer_id in chain],
+        # Layer ids are left out on purpose: they are names in one home, and leaving them out
+        # keeps the export of the same trees the same image wherever it is made.
+        "history": [{"created_by": "graphdrivers export_image"} for _ in diff_ids],
     }
 
 

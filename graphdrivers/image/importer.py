@@ -93,18 +93,20 @@ def _import(
     try:
         for index, layer_id in enumerate(ids):
             parent = ids[index - 1] if index else None
-            if _reusable(driver, layer_id, parent, explicit):
-                log.info(
-                    "layer %d/%d of %s: %s exists, reused",
-                    index + 1,
-                    len(ids),
-                    image.source,
-                    layer_id,
-                )
-                advance(sizes[index])
-                continue
-
-            _apply_one(driver, image, index, layer_id, parent, advance)
+            # Under the store lock (which apply_diff holds anyway), so that another process
+            # importing the same chain cannot slip in between the check and the apply.
+            with driver.store.lock():
+                if _reusable(driver, layer_id, parent, explicit):
+                    log.info(
+                        "layer %d/%d of %s: %s exists, reused",
+                        index + 1,
+                        len(ids),
+                        image.source,
+                        layer_id,
+                    )
+                    advance(sizes[index])
+                    continue
+                _apply_one(driver, image, index, layer_id, parent, advance)
             created.append(layer_id)
             log.info(
                 "layer %d/%d of %s: applied as %s", index + 1, len(ids), image.source, layer_id
