@@ -28,7 +28,7 @@ import zstandard
 
 from graphdrivers import open_driver
 from graphdrivers.driver import Driver
-from graphdrivers.errors import InvalidArchive, InvalidOption, LayerExists
+from graphdrivers.errors import DriverError, InvalidArchive, InvalidOption, LayerExists
 from graphdrivers.image import (
     Compression,
     Digest,
@@ -365,6 +365,97 @@ def test_docker_archive_tags_and_layers() -> None:
         open_image(DOCKER_ARCHIVE, tag="latest")
 
 
+def write_docker_archive(
+    path: Path, layers: list[tuple[str, bytes]], tar_layers: list[bytes], *tags: list[str]
+) -> None:
+    """A docker save archive: ``layers`` are (member name, stored bytes) bottom to top, and
+    each ``tags`` list makes one manifest.json entry of those layers."""
+    diff_ids = [sha256(t) for t in tar_layers]
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    ).encode()
+    entries = [
+        {"Config": "config.json", "RepoTags": repo_tags, "Layers": [n for n, _ in layers]}
+        for repo_tags in tags
+    ]
+    with tarfile.open(path, "w") as tar:
+        members = [("manifest.json", json.dumps(entries).encode()), ("config.json", config)]
+        for name, data in [*members, *layers]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_docker_archive_with_gzip_layers_and_linked_members(tmp_path: Path) -> None:
+    # Old docker save: <id>/layer.tar members, here one a symlink to a shared file; gzip too.
+    archive = tmp_path / "old.tar"
+    gz = gzip.compress(CHILD, mtime=0)
+    write_docker_archive(
+        archive,
+        [("shared.tar", BASE), ("b/layer.tar", gz)],
+        [BASE, CHILD],
+        ["example.com/team/app:v1"],
+    )
+    with tarfile.open(archive, "a") as tar:
+        link = tarfile.TarInfo("a/layer.tar")
+        link.type, link.linkname = tarfile.SYMTYPE, "../shared.tar"
+        tar.addfile(link)
+    manifest = json.dumps(
+        [
+            {
+                "Config": "config.json",
+                "RepoTags": ["app:v1"],
+                "Layers": ["a/layer.tar", "b/layer.tar"],
+            }
+        ]
+    ).encode()
+    with tarfile.open(archive, "a") as tar:  # a later member of one name wins in a tar
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+
+    with open_image(f"{archive}:app:v1") as image:
+        assert [b.name for b in image.layers] == ["a/layer.tar", "b/layer.tar"]
+        with image.open_layer(0) as stream:
+            assert read_all(stream) == BASE
+        with image.open_layer(1) as stream:
+            assert read_all(stream) == CHILD  # gzip told by its magic bytes
+
+
+def test_docker_archive_blob_names_are_checked_and_tags_can_be_ambiguous(
+    tmp_path: Path,
+) -> None:
+    archive = tmp_path / "new.tar"
+    gz = gzip.compress(BASE, mtime=0)
+    name = f"blobs/sha256/{sha256(b'not the content')[7:]}"
+    write_docker_archive(archive, [(name, gz)], [BASE], ["a.io/x/app:v1"], ["b.io/y/app:v1"])
+
+    with pytest.raises(TagNotFound, match=r"has 2 images tagged 'app:v1'; name one by its full"):
+        open_image(archive, tag="app:v1")
+    with pytest.raises(TagNotFound, match="holds 2 images; name one with ARCHIVE:TAG"):
+        open_image(archive)
+    with open_image(archive, tag="a.io/x/app:v1") as image:
+        assert image.layers[0].digest == sha256(b"not the content")
+        with pytest.raises(InvalidArchive, match="does not match its digest"):
+            read_all(image.open_layer(0))
+
+
+def test_an_oci_layout_inside_a_tar_reads_like_the_directory(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "img")
+    layout.tag(layout.manifest([BASE, CHILD]), "v1")
+    archive = tmp_path / "img.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(layout.root, arcname=".")
+    with open_image(f"{archive}:v1") as packed, open_image(f"{layout.root}:v1") as plain:
+        assert packed.layers == plain.layers
+        with packed.open_layer(1) as stream:
+            assert read_all(stream) == CHILD
+
+
 # ----------------------------------------------------------------------- trees and umoci
 
 
@@ -613,6 +704,19 @@ def test_explicit_layer_ids_and_a_clash(vfs: Driver, tmp_path: Path) -> None:
     assert not vfs.exists("other")
     with pytest.raises(InvalidOption, match="names 1 layers"):
         import_image(vfs, layout.root, layer_ids=["one"])
+
+
+def test_a_layer_with_a_chain_id_but_another_parent_is_not_reused(
+    vfs: Driver, tmp_path: Path
+) -> None:
+    layout = Layout(tmp_path / "img")
+    layout.tag(layout.manifest([BASE, CHILD]), "v1")
+    base_id, child_id = [c[7:] for c in chain_ids([sha256(BASE), sha256(CHILD)])]
+    vfs.create("unrelated")
+    vfs.create(child_id, "unrelated")
+    with pytest.raises(DriverError, match="exists with parent 'unrelated'"):
+        import_image(vfs, layout.root)
+    assert not vfs.exists(base_id)  # the import created it, and took it away again
 
 
 def test_unknown_tag_imports_nothing(vfs: Driver, tmp_path: Path) -> None:
