@@ -174,14 +174,17 @@ def _regular(
 
         yield header
         left = size
+        shrank = False
         while left:
-            data = os.read(fd, min(left, FILE_CHUNK))
+            data = b"" if shrank else os.read(fd, min(left, FILE_CHUNK))
             if not data:
-                log.warning("export: /%s shrank while being read; padded with zeros", rel)
+                if not shrank:
+                    log.warning("export: /%s shrank while being read; padded with zeros", rel)
+                shrank = True
                 data = bytes(min(left, FILE_CHUNK))
             left -= len(data)
             yield data
-        if os.read(fd, 1):
+        if not shrank and os.read(fd, 1):
             log.warning("export: /%s grew while being read; cut to %d bytes", rel, size)
         yield tf.padding(size)
     finally:

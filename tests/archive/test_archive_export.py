@@ -164,6 +164,7 @@ def test_big_file_streams_in_bounded_chunks(tmp_path: Path) -> None:
     assert got[0].size == 24 << 20
 
 
+@pytest.mark.expect_warnings
 def test_file_shrinking_or_growing_during_export(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -196,6 +197,7 @@ def test_file_shrinking_or_growing_during_export(
     assert after == b"intact"
 
 
+@pytest.mark.expect_warnings
 def test_missing_entry_is_skipped_with_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
