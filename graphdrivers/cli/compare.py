@@ -49,7 +49,7 @@ from graphdrivers.cli.common import (
 )
 from graphdrivers.cli.conformance import home_root_for
 from graphdrivers.driver import Driver
-from graphdrivers.errors import DriverError, NotSupported
+from graphdrivers.errors import DriverError, InvalidOption, NotSupported
 from graphdrivers.fsutil.fstype import mounts_under
 from graphdrivers.fsutil.remove import remove_tree
 from graphdrivers.registry import driver_names, open_driver
@@ -412,6 +412,12 @@ def selected_drivers(arg: str | None) -> list[str]:
     names = [n.strip() for n in arg.split(",") if n.strip()]
     if not names:
         raise UsageError("--drivers needs at least one driver name")
+    unknown = [n for n in names if n not in driver_names() and ":" not in n]
+    if unknown:
+        raise InvalidOption(
+            f"unknown driver(s) {', '.join(unknown)}: use {', '.join(driver_names())} "
+            "or package.module:Factory"
+        )
     return names
 
 
