@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from graphdrivers.driver import Driver
 from graphdrivers.drivers.overlay import OverlayDriver, kernel_has_overlay
 from graphdrivers.drivers.unionfs.layout import DIFF_DIR, LINK_DIR, LOWER_FILE, UnionLayout
 from graphdrivers.drivers.unionfs.mountapi import LEGACY_OPTIONS_MAX, count_lowers, legacy_options
@@ -393,3 +397,74 @@ def test_status_and_metadata(driver: OverlayDriver, home: Path) -> None:
     assert os.path.samefile(meta["LowerDir"], home / "base/diff")
     caps = driver.capabilities()
     assert caps.native_diff and caps.max_depth == 500
+
+
+# ---------------------------------------------------------------------------- native diff
+
+
+def test_native_diff_of_a_base_layer_is_byte_identical_to_the_naive_one(
+    driver: OverlayDriver,
+) -> None:
+    driver.create("base")
+    with driver.mounted("base") as root:
+        write(root, "a/x", "x")
+        write(root, "a.b", "sorts between a and a/x")
+        write(root, "big", "B" * (3 << 20))
+        os.link(root / "a/x", root / "a-link")
+        os.symlink("a/x", root / "sym")
+        os.mkfifo(root / "fifo")
+        os.setxattr(root / "big", "user.note", b"kept")
+
+    with driver.diff("base") as stream:
+        native = stream.read()
+    with Driver.diff(driver, "base") as stream:
+        naive = stream.read()
+    assert native == naive
+
+
+def test_diff_against_a_grandparent_is_naive_and_complete(driver: OverlayDriver) -> None:
+    driver.create("base")
+    with driver.mounted("base") as root:
+        write(root, "gone", "x")
+    driver.create("mid", "base")
+    with driver.mounted("mid") as root:
+        write(root, "from-mid", "m")
+    driver.create("top", "mid")
+    with driver.mounted("top") as root:
+        os.unlink(root / "gone")
+        write(root, "from-top", "t")
+
+    with driver.diff("top", "base") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        names = sorted(tar.getnames())
+    assert names == [".wh.gone", "from-mid", "from-top"]
+    assert [str(c) for c in driver.changes("top", "base")] == [
+        "A /from-mid",
+        "A /from-top",
+        "D /gone",
+    ]
+
+
+def test_apply_diff_unpacks_into_diff_with_overlay_whiteouts(
+    driver: OverlayDriver, home: Path
+) -> None:
+    driver.create("base")
+    with driver.mounted("base") as root:
+        write(root, "gone", "x")
+        write(root, "dir/old", "x")
+    driver.create("child", "base")
+    with driver.mounted("child") as root:
+        os.unlink(root / "gone")
+        shutil.rmtree(root / "dir")
+        write(root, "dir/new", "12345")
+    with driver.diff("child", "base") as stream:
+        data = stream.read()
+
+    size = driver.apply_diff("copy", "base", io.BytesIO(data))
+    assert size == 5 == driver.diff_size("copy", "base")
+    diff = home / "copy/diff"
+    assert stat.S_ISCHR(os.lstat(diff / "gone").st_mode)
+    assert os.getxattr(diff / "dir", OVERLAY_OPAQUE_XATTR) == b"y"
+    assert not (diff / ".wh.gone").exists()
+    with driver.mounted("copy") as root:
+        assert sorted(os.listdir(root)) == ["dir"]
+        assert os.listdir(root / "dir") == ["new"]
