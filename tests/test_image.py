@@ -2,9 +2,10 @@
 import into vfs compared with ``umoci unpack``, and export -> import round trips.
 
 The reference for what an imported image must look like is umoci's unpack of the same image:
-every path with its type, mode, owner, size, content digest, link target, xattrs, and the
-partition of paths into hardlink groups (:func:`tree_manifest`). Tests that build their own
-images write the layout by hand (JSON and sha256 here), not with the exporter under test.
+every path with its type, mode, owner, size, content digest, link target, xattrs, device
+numbers and hardlink group, as :mod:`graphdrivers.conformance.manifest` records them. Tests
+that build their own images write the layout by hand (JSON and sha256 here), not with the
+exporter under test.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import itertools
 import json
 import os
 import shutil
-import stat
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -27,6 +27,7 @@ import pytest
 import zstandard
 
 from graphdrivers import open_driver
+from graphdrivers.conformance.manifest import diff_manifests, manifest
 from graphdrivers.driver import Driver
 from graphdrivers.errors import DriverError, InvalidArchive, InvalidOption, LayerExists
 from graphdrivers.image import (
@@ -459,63 +460,14 @@ def test_an_oci_layout_inside_a_tar_reads_like_the_directory(tmp_path: Path) -> 
 # ----------------------------------------------------------------------- trees and umoci
 
 
-def tree_manifest(root: Path) -> dict[str, tuple[object, ...]]:
-    """Every path under ``root`` -> (type, mode, uid, gid, size, sha256, link, xattrs, rdev).
-
-    The key ``"<hardlinks>"`` holds the partition of regular files into hardlink groups (sets
-    of paths, groups of one left out), which inode numbers cannot be compared by.
-    """
-    groups: dict[tuple[int, int], list[str]] = {}
-    entries = {"/": describe(root, "/", groups)}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            path = Path(dirpath, name)
-            rel = "/" + path.relative_to(root).as_posix()
-            entries[rel] = describe(path, rel, groups)
-    entries["<hardlinks>"] = (frozenset(frozenset(g) for g in groups.values() if len(g) > 1),)
-    return entries
-
-
-def describe(path: Path, rel: str, groups: dict[tuple[int, int], list[str]]) -> tuple[object, ...]:
-    st = os.lstat(path)
-    digest = size = link = rdev = None
-    if stat.S_ISREG(st.st_mode):
-        size = st.st_size
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
-    elif stat.S_ISLNK(st.st_mode):
-        link = os.readlink(path)
-    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-        rdev = st.st_rdev
-    xattrs = tuple(
-        sorted(
-            (x, os.getxattr(path, x, follow_symlinks=False))
-            for x in os.listxattr(path, follow_symlinks=False)
-        )
-    )
-    return (
-        stat.S_IFMT(st.st_mode),
-        stat.S_IMODE(st.st_mode),
-        st.st_uid,
-        st.st_gid,
-        size,
-        digest,
-        link,
-        xattrs,
-        rdev,
-    )
-
-
 def assert_same_tree(got: Path, want: Path) -> None:
-    a, b = tree_manifest(got), tree_manifest(want)
-    if a == b:
-        return
-    lines = []
-    for path in sorted(set(a) | set(b)):
-        if a.get(path) != b.get(path):
-            lines.append(f"{path}\n    ours:  {a.get(path)}\n    want:  {b.get(path)}")
-    shown = "\n".join(lines[:40])
-    pytest.fail(f"{len(lines)} entries differ between {got} and {want}:\n{shown}")
+    """Compare two trees with the conformance suite's manifests; show what differs."""
+    lines = diff_manifests(manifest(want), manifest(got))
+    if lines:
+        shown = "\n".join(lines[:60])
+        pytest.fail(
+            f"{len(lines)} entries of {got} differ from {want} (expected -> got):\n{shown}"
+        )
 
 
 def umoci_unpack(image_ref: str, bundle: Path) -> Path:
