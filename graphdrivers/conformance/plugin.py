@@ -24,6 +24,8 @@ runs as fast as they were.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 # Module names of the checks, for assertion rewriting and for run().
@@ -34,7 +36,18 @@ MARKERS = (
     "slow: takes more than a few seconds",
 )
 
+# The name pyproject.toml registers this module under (group pytest11).
+ENTRY_POINT_NAME = "graphdrivers_conformance"
+
 pytest.register_assert_rewrite(CHECKS_PACKAGE)
+
+
+def pytest_plugin_registered(plugin: object, manager: pytest.PytestPluginManager) -> None:
+    # `-p graphdrivers.conformance.plugin` registers this module under its module name before
+    # the entry points are loaded; loading it again under the entry point name would fail with
+    # "already registered under a different name", so that name is blocked instead.
+    if plugin is sys.modules[__name__] and manager.get_name(plugin) != ENTRY_POINT_NAME:
+        manager.set_blocked(ENTRY_POINT_NAME)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
