@@ -161,6 +161,42 @@ def test_mount_prints_a_lasting_path_and_umount_releases(cli: Cli) -> None:
     assert cli.ok("ls") == ""
 
 
+# Drivers whose mounts are real mounts; by spec until they join the registry.
+MOUNTING_DRIVERS = {
+    "union": "graphdrivers.drivers.union:UnionDriver",
+    "overlay": "graphdrivers.drivers.overlay:OverlayDriver",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOUNTING_DRIVERS))
+def test_a_real_mount_outlives_the_command_until_umount(cli: Cli, name: str) -> None:
+    from graphdrivers.fsutil.fstype import mounts_under
+    from graphdrivers.registry import driver_names
+
+    spec = name if name in driver_names() else MOUNTING_DRIVERS[name]
+    drv = ("--driver", spec)
+    try:
+        cli.ok(*drv, "create", "base", "--rw")
+        root = Path(cli.ok(*drv, "mount", "base").strip())
+        assert [m.target for m in mounts_under(root)] == [root]
+        (root / "file").write_text("kept\n")
+
+        cli.ok(*drv, "ls")  # another command must leave the mount alone
+        assert [m.target for m in mounts_under(root)] == [root]
+        cli.fails(5, *drv, "rm", "base")
+
+        cli.ok(*drv, "umount", "base")
+        assert mounts_under(root) == []
+        cli.ok(*drv, "create", "kid", "--parent", "base")
+        assert cli.ok(*drv, "changes", "kid", "--full").splitlines() == ["A /file"]
+        cli.ok(*drv, "rm", "kid")
+        cli.ok(*drv, "rm", "base")
+    finally:
+        for entry in mounts_under(cli.home):  # a failed assertion must not leave a mount
+            subprocess.run(["umount", "-l", str(entry.target)], check=False)
+    assert mounts_under(cli.home) == []
+
+
 def test_error_exit_codes_and_one_line_messages(cli: Cli) -> None:
     cli.ok("create", "base")
     cli.ok("create", "kid", "--parent", "base")

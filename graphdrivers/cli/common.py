@@ -22,6 +22,12 @@ counts live in its process. ``graphdrivers mount ID`` therefore leaves the layer
 writes a *CLI mount record* (``HOME/cli-mounts.json``: layer id -> mountpoint, readonly flag)
 under the store lock; ``graphdrivers umount ID`` in a later process finds the record, asks the
 driver to undo the mount and deletes the record. ``rm`` refuses a layer that has a record.
+Other verbs release the mounts they made themselves, and call :meth:`Driver.cleanup` (which
+unmounts everything under the home) only while no CLI mount record exists.
+
+Limitation: a verb that mounts a layer ``graphdrivers mount`` already mounted (``diff`` or
+``changes`` of it, where the driver has no native diff) mounts it a second time in its own
+process; union-style drivers replace the earlier mount then, and the record outlives it.
 """
 
 from __future__ import annotations
@@ -157,7 +163,7 @@ def driver_options(args: argparse.Namespace) -> dict[str, str]:
 def driver_from_args(args: argparse.Namespace, *, keep_mounts: bool = False) -> Iterator[Driver]:
     """Open the driver the global options name; clean it up afterwards.
 
-    ``keep_mounts`` skips :meth:`Driver.cleanup`, which would undo the mount that
+    ``keep_mounts`` skips :func:`finish`, which would undo the mount that
     ``graphdrivers mount`` is meant to leave in place.
     """
     home = home_of(args)
@@ -167,7 +173,21 @@ def driver_from_args(args: argparse.Namespace, *, keep_mounts: bool = False) -> 
         yield driver
     finally:
         if not keep_mounts:
-            driver.cleanup()
+            finish(driver)
+
+
+def finish(driver: Driver) -> None:
+    """Release this process's mounts; shut the driver down unless CLI mounts must live on.
+
+    A driver's cleanup unmounts everything under its home (also what other processes
+    mounted, which is how it recovers from crashes), so it runs only when no
+    ``graphdrivers mount`` record is left.
+    """
+    for layer_id in driver.list_layers():
+        while driver.is_mounted(layer_id):
+            driver.put(layer_id)
+    if not cli_mounts(driver):
+        driver.cleanup()
 
 
 # --------------------------------------------------------------------------- CLI mount records
