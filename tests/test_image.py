@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -349,6 +350,32 @@ def test_long_zero_runs_are_held_back_and_returned_whole() -> None:
     assert read_all(stream) == data
     gz = gzip.compress(data, mtime=0)
     assert read_all(stream_over(gz, Compression.GZIP, data)) == data
+
+
+def test_highly_compressed_blobs_inflate_in_bounded_steps() -> None:
+    # 40 MiB of zeros in a few KiB: the stream must neither hold the zeros nor inflate the
+    # whole blob at once, whatever the compression.
+    data = bytes(40 << 20)
+    for how, blob in [
+        (Compression.ZSTD, zstandard.ZstdCompressor().compress(data)),
+        (Compression.GZIP, gzip.compress(data, mtime=0, compresslevel=1)),
+    ]:
+        stream = stream_over(blob, how, data)
+        tracemalloc.start()
+        try:
+            total = 0
+            while chunk := stream.read(1 << 16):
+                total += len(chunk)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert total == len(data)
+        assert peak < 24 << 20, f"{how}: {peak} bytes at the peak"
+
+
+def test_gzip_zero_padding_after_the_last_member_is_accepted() -> None:
+    blob = gzip.compress(CHILD, mtime=0) + bytes(100)
+    assert read_all(stream_over(blob, Compression.GZIP, CHILD)) == CHILD
 
 
 @needs_images

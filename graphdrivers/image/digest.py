@@ -49,6 +49,7 @@ Digest = NewType("Digest", str)
 SHA256 = "sha256"
 DIGEST_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")
 CHUNK_SIZE = 1 << 16
+ZSTD_INPUT_SLICE = 512
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -180,21 +181,24 @@ class _Decompressor:
 
     def _take_gzip(self, data: bytes, limit: int) -> bytes:
         assert self._zlib is not None
-        if self._zlib.eof:  # a gzip file may hold several members one after another
+        if self._zlib.eof:  # a gzip file may hold several members, and zero padding
+            data = data.lstrip(b"\0")
+            if not data:
+                return b""
             self._new_member()
         out = self._zlib.decompress(data, limit)
         self._pending = self._zlib.unconsumed_tail + self._zlib.unused_data
         return out
 
     def _take_zstd(self, data: bytes) -> bytes:
-        # Limitation: one zstd call inflates a whole input chunk (CHUNK_SIZE compressed bytes)
-        # at once; a hostile frame can make that large, though the tar engine's caps still
-        # bound what is written.
+        # zstd's decompressobj has no output limit, so it gets small slices of input: even
+        # run-length blocks (4 bytes -> 128 KiB) then inflate one call to 16 MiB at most.
         assert self._zstd is not None
         if self._zstd.eof:
             self._new_member()
-        out = self._zstd.decompress(data)
-        self._pending = self._zstd.unused_data
+        piece, rest = data[:ZSTD_INPUT_SLICE], data[ZSTD_INPUT_SLICE:]
+        out = self._zstd.decompress(piece)
+        self._pending = self._zstd.unused_data + rest
         return out
 
     def finished(self) -> bool:
@@ -254,7 +258,7 @@ class LayerStream(io.RawIOBase):
                     return 0
                 self._lead, self._zeros = self._zeros, 0
             else:
-                self._fill(want)
+                self._fill()
 
         if self._lead:
             n = min(self._lead, want)
@@ -265,7 +269,7 @@ class LayerStream(io.RawIOBase):
         buffer[: len(data)] = data
         return len(data)
 
-    def _fill(self, want: int) -> None:
+    def _fill(self) -> None:
         """Read and decompress one step; this may make no bytes ready (call again)."""
         if not self._decompressor.has_input():
             chunk = self._raw.read(CHUNK_SIZE)
@@ -279,7 +283,7 @@ class LayerStream(io.RawIOBase):
                 self._progress(len(chunk))
             self._decompressor.feed(chunk)
 
-        out = self._decompressor.take(max(want, CHUNK_SIZE))
+        out = self._decompressor.take(CHUNK_SIZE)
         self._tar_hash.update(out)
         self.tar_bytes += len(out)
 
