@@ -472,6 +472,15 @@ def test_docker_archive_blob_names_are_checked_and_tags_can_be_ambiguous(
             read_all(image.open_layer(0))
 
 
+def test_a_docker_archive_layer_in_an_unsupported_compression_is_refused(
+    tmp_path: Path,
+) -> None:
+    archive = tmp_path / "xz.tar"
+    write_docker_archive(archive, [("l.tar", b"\xfd7zXZ\x00" + bytes(100))], [BASE], ["x:1"])
+    with open_image(archive) as image, pytest.raises(InvalidArchive, match="xz-compressed"):
+        image.open_layer(0)
+
+
 def test_an_oci_layout_inside_a_tar_reads_like_the_directory(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "img")
     layout.tag(layout.manifest([BASE, CHILD]), "v1")

@@ -11,7 +11,8 @@ See ``docs/images.md`` for the layer ids, the digest checks and how results are 
 ``umoci unpack``.
 """
 
-from graphdrivers.image.digest import Compression, Digest, LayerStream, chain_ids
+from graphdrivers.archive.compression import Compression
+from graphdrivers.image.digest import Digest, LayerStream, chain_ids
 from graphdrivers.image.exporter import export_image, layer_chain
 from graphdrivers.image.importer import ProgressCallback, import_image, layer_ids_for
 from graphdrivers.image.model import Image, ImageNotFound, LayerBlob, TagNotFound

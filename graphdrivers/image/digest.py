@@ -28,7 +28,6 @@ reader finish early, so the importer also drains the stream after ``apply_diff``
 
 from __future__ import annotations
 
-import enum
 import gzip
 import hashlib
 import io
@@ -40,6 +39,7 @@ from typing import IO, NewType, Protocol
 
 import zstandard
 
+from graphdrivers.archive.compression import Compression
 from graphdrivers.errors import InvalidArchive
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,6 @@ SHA256 = "sha256"
 DIGEST_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")
 CHUNK_SIZE = 1 << 16
 ZSTD_INPUT_SLICE = 512
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 Progress = Callable[[int], None]
 
@@ -70,23 +68,6 @@ class Writer(Protocol):
     def write(self, data: bytes, /) -> int: ...
 
     def close(self) -> None: ...
-
-
-class Compression(enum.StrEnum):
-    """How a layer blob is stored."""
-
-    NONE = "none"
-    GZIP = "gzip"
-    ZSTD = "zstd"
-
-    @classmethod
-    def sniff(cls, head: bytes) -> Compression:
-        """Tell a blob's compression from its first bytes (for sources without media types)."""
-        if head.startswith(GZIP_MAGIC):
-            return cls.GZIP
-        if head.startswith(ZSTD_MAGIC):
-            return cls.ZSTD
-        return cls.NONE
 
 
 def parse_digest(value: object, *, what: str = "digest") -> Digest:

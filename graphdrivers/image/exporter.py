@@ -28,13 +28,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
+from graphdrivers.archive.compression import Compression
 from graphdrivers.driver import Driver
 from graphdrivers.errors import InvalidArchive, InvalidOption
 from graphdrivers.ids import LayerId, validate_layer_id
 from graphdrivers.image import oci
 from graphdrivers.image.digest import (
     CHUNK_SIZE,
-    Compression,
     Digest,
     digest_hex,
     open_compressed_writer,

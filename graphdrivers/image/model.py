@@ -18,8 +18,9 @@ import tarfile
 from pathlib import Path
 from typing import IO, Any
 
+from graphdrivers.archive.compression import MAGIC_BYTES, Compression, detect_compression
 from graphdrivers.errors import DriverError, InvalidArchive
-from graphdrivers.image.digest import Compression, Digest, LayerStream, Progress, Reader
+from graphdrivers.image.digest import Digest, LayerStream, Progress, Reader
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class Image:
         compression = blob.compression
         if compression is None:
             peeked = _Peeked(raw)
-            compression = Compression.sniff(peeked.peek())
+            compression = detect_compression(peeked.peek(MAGIC_BYTES))
             raw = peeked
         return LayerStream(
             raw,

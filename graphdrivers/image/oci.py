@@ -26,8 +26,9 @@ import logging
 import platform
 from typing import Any
 
+from graphdrivers.archive.compression import Compression
 from graphdrivers.errors import InvalidArchive
-from graphdrivers.image.digest import Compression, Digest, digest_hex, parse_digest
+from graphdrivers.image.digest import Digest, digest_hex, parse_digest
 from graphdrivers.image.model import Image, LayerBlob, SourceFiles, TagNotFound
 
 log = logging.getLogger(__name__)
