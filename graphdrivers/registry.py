@@ -13,6 +13,8 @@ from graphdrivers.errors import InvalidOption
 BUILTIN_DRIVERS: dict[str, str] = {
     "vfs": "graphdrivers.drivers.vfs:VfsDriver",
     "overlay": "graphdrivers.drivers.overlay:OverlayDriver",
+    "union": "graphdrivers.drivers.union:UnionDriver",
+    "devicemapper": "graphdrivers.drivers.devmapper.driver:DevmapperDriver",
 }
 
 DriverFactory = Callable[[Path, Mapping[str, str]], Driver]

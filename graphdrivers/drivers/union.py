@@ -6,16 +6,19 @@ holds one session per process), started with fuse-overlayfs's command line from 
 directory, so the layer paths stay short whatever the depth::
 
     cd HOME && fusemount -o lowerdir=l/<A>:l/<B>,upperdir=<id>/diff,workdir=<id>/work,
-                            whiteout=overlay HOME/<id>/merged
+                            whiteout=overlay,pidfile=HOME/<id>/daemon.pid,noauto_unmount
+                            HOME/<id>/merged
 
-The command returns once the mount is live. The daemon's PID is then written to
-``HOME/<id>/daemon.pid`` so that ``put`` (and a later process's ``cleanup``) can wait for it to
-exit after ``fusermount3 -u``. A read-only mount (``get(readonly=True)``, or a layer with
-children) has no upper: ``lowerdir=<id>/diff:l/<A>:...``.
+The command returns once the mount is live, and the daemon has written its PID to
+``HOME/<id>/daemon.pid``, so that ``put`` (and a later process's ``cleanup``) can wait for it to
+exit after ``fusermount3 -u`` (through a pidfd: no polling). A read-only mount
+(``get(readonly=True)``, or a layer with children) has no upper: ``lowerdir=<id>/diff:l/<A>:...``.
 
-A daemon that died under a mount leaves a dead mount (``statvfs`` fails with ENOTCONN) or none
-at all (``auto_unmount``). The next ``get`` of that layer notices, detaches what is left
-(``fusermount3 -u -z``) and starts a new daemon, keeping the reference count.
+A daemon that dies under a mount leaves a dead mount: it still shows in mountinfo, and
+``statvfs`` fails with ENOTCONN. The next ``get`` of that layer notices, detaches it
+(``fusermount3 -u -z``) and starts a new daemon, keeping the reference count. The driver turns
+off fusermount3's ``auto_unmount`` so that its helper, waking late, cannot unmount the new
+mount instead of the dead one.
 
 Driver options:
 
@@ -62,6 +65,7 @@ from graphdrivers.store import atomic_write
 from graphdrivers.whiteout import WhiteoutFormat
 
 from .unionfs.base import UnionDriverBase
+from .unionfs.layout import DAEMON_PID_FILE
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +122,13 @@ class UnionDriver(UnionDriverBase):
         program = opts.get("mount_program", DEFAULT_MOUNT_PROGRAM)
         if program == DEFAULT_MOUNT_PROGRAM:
             self.mount_command = default_mount_program()
-            self._passes_whiteout = True
+            self._is_fusemount = True
         else:
             found = shutil.which(program)
             if found is None:
                 raise InvalidOption(f"union: mount_program {program!r} not found")
             self.mount_command = [found]
-            self._passes_whiteout = False
+            self._is_fusemount = False
             if self._whiteout is not WhiteoutFormat.OVERLAY:
                 raise InvalidOption(
                     f"union: mount_program {program!r} writes overlay whiteouts only; "
@@ -181,8 +185,12 @@ class UnionDriver(UnionDriverBase):
         if not readonly:
             options.append(f"upperdir={self.layout.diff_dir(layer_id).relative_to(home)}")
             options.append(f"workdir={self.layout.work_dir(layer_id).relative_to(home)}")
-        if self._passes_whiteout:
+        if self._is_fusemount:
             options.append(f"whiteout={self._whiteout.value}")
+            options.append(f"pidfile={self.layout.pid_file(layer_id)}")
+            # The driver finds and replaces dead mounts itself; fusermount3's auto_unmount
+            # helper could otherwise unmount the replacement it races with.
+            options.append("noauto_unmount")
 
         merged = self.layout.merged_dir(layer_id)
         command = [*self.mount_command, "-o", ",".join(options), os.fspath(merged)]
@@ -209,14 +217,15 @@ class UnionDriver(UnionDriverBase):
                 path=merged,
             )
 
-        pid = find_daemon(merged)
-        if pid is not None:
-            atomic_write(self.layout.pid_file(layer_id), f"{pid}\n".encode(), 0o644)
-        log.debug("layer %s: fusemount daemon %s serves %s", layer_id, pid, merged)
+        if not self._is_fusemount:  # another program: find its daemon and record it
+            pid = find_daemon(merged)
+            if pid is not None:
+                atomic_write(self.layout.pid_file(layer_id), f"{pid}\n".encode(), 0o644)
+        log.debug("layer %s: daemon %s serves %s", layer_id, self._daemon_pid(merged), merged)
 
     def _unmount_stack(self, layer_id: LayerId) -> None:
         merged = self.layout.merged_dir(layer_id)
-        pid = self._recorded_pid(layer_id)
+        pid = self._daemon_pid(merged)
         proc = subprocess.run(
             [FUSERMOUNT, "-u", os.fspath(merged)], capture_output=True, check=False
         )
@@ -231,7 +240,7 @@ class UnionDriver(UnionDriverBase):
 
     def _detach_stale(self, mountpoint: Path) -> None:
         """Lazily unmount a FUSE mount (alive or dead) and wait for its daemon to go."""
-        pid = find_daemon(mountpoint)
+        pid = self._daemon_pid(mountpoint)
         proc = subprocess.run(
             [FUSERMOUNT, "-u", "-z", os.fspath(mountpoint)], capture_output=True, check=False
         )
@@ -241,11 +250,13 @@ class UnionDriver(UnionDriverBase):
         if pid is not None:
             wait_for_exit(pid, EXIT_TIMEOUT)
 
-    def _recorded_pid(self, layer_id: LayerId) -> int | None:
+    def _daemon_pid(self, mountpoint: Path) -> int | None:
+        """The daemon serving ``mountpoint``: its recorded PID if that still serves it."""
         try:
-            return int(self.layout.pid_file(layer_id).read_text().strip())
+            pid = int((mountpoint.parent / DAEMON_PID_FILE).read_text().strip())
         except (FileNotFoundError, ValueError):
-            return None
+            return find_daemon(mountpoint)
+        return pid if _serves(pid, mountpoint) else find_daemon(mountpoint)
 
 
 def find_daemon(mountpoint: Path) -> int | None:
@@ -255,27 +266,26 @@ def find_daemon(mountpoint: Path) -> int | None:
     ``/dev/fuse`` open. (fuse-overlayfs and fusemount both detach from the process that started
     them, so the PID of that process is not the daemon's.)
     """
-    wanted = os.fsencode(mountpoint)
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().rstrip(b"\0").split(b"\0")
-            if args[-1] != wanted or not _holds_fuse_device(int(entry)):
-                continue
-        except OSError:
-            continue
-        return int(entry)
+        if entry.isdigit() and _serves(int(entry), mountpoint):
+            return int(entry)
     return None
 
 
-def _holds_fuse_device(pid: int) -> bool:
-    fd_dir = f"/proc/{pid}/fd"
-    for fd in os.listdir(fd_dir):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"{fd_dir}/{fd}") == FUSE_DEVICE:
-                return True
+def _serves(pid: int, mountpoint: Path) -> bool:
+    """True if process ``pid`` has ``mountpoint`` as its last argument and /dev/fuse open."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().rstrip(b"\0").split(b"\0")
+        if args[-1] != os.fsencode(mountpoint):
+            return False
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"{fd_dir}/{fd}") == FUSE_DEVICE:
+                    return True
+    except OSError:
+        pass
     return False
 
 
