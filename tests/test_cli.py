@@ -287,6 +287,38 @@ def test_diff_refuses_a_terminal(cli: Cli, stacked: Path) -> None:
     assert proc.stderr.decode().startswith("graphdrivers: error: refusing to write")
 
 
+def test_progress_bar_only_when_stdout_is_a_terminal(cli: Cli, tmp_path: Path) -> None:
+    tar = tmp_path / "big.tar"
+    tar.write_bytes(make_tar({f"f{i}": bytes(4096) for i in range(50)}))
+    quiet = cli("apply", "piped", str(tar))
+    assert quiet.returncode == 0 and quiet.stderr == b""
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "graphdrivers",
+                "--home",
+                str(cli.home),
+                "apply",
+                "tty",
+                str(tar),
+            ],
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+        printed = os.read(leader, 1000)
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 0, proc.stderr
+    assert b"\rapply tty [" in proc.stderr and b"%" in proc.stderr
+    assert printed.strip() == str(50 * 4096).encode()
+
+
 def test_apply_of_garbage_exits_6_and_leaves_no_layer(cli: Cli, tmp_path: Path) -> None:
     bad = tmp_path / "bad.tar"
     bad.write_bytes(make_tar({"ok.txt": b"x"})[:700] + b"\xff" * 300)

@@ -156,22 +156,39 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json([dataclasses.asdict(r) for r in reports])
         return 0
-    for line in render(reports):
+    for line in render(reports, every_check=bool(args.verbose)):
         print(line)
     return 0
 
 
-def render(reports: list[Report]) -> list[str]:
-    """Human output: a verdict line per backend, then its failing checks, hints, warnings."""
+def _check_line(check: dict[str, object]) -> str:
+    mark = "ok" if check["ok"] else "MISSING"
+    return f"{mark:<7} {check['what']}: {check['detail']}"
+
+
+def render(reports: list[Report], *, every_check: bool = False) -> list[str]:
+    """Human output: a verdict line per backend, then what is missing, fixes and warnings.
+
+    With ``every_check`` (``-v``) every host fact is listed, passing or not.
+    """
     width = max(len(r.driver) for r in reports)
+    pad = " " * width
     lines = []
     for r in reports:
         lines.append(f"{r.driver:<{width}}  {r.verdict}")
-        lines.append(f"{'':<{width}}  home {r.home} (on {r.backing_filesystem})")
+        lines.append(f"{pad}  home {r.home} (on {r.backing_filesystem})")
         for item in r.missing:
-            lines.append(f"{'':<{width}}  missing: {item}")
+            lines.append(f"{pad}  missing: {item}")
         for hint in r.hints:
-            lines.append(f"{'':<{width}}  fix: {hint}")
+            lines.append(f"{pad}  fix: {hint}")
+        for variant, checks in r.variants.items():
+            lacking = [str(c["what"]) for c in checks if not c["ok"]]
+            if lacking:
+                lines.append(f"{pad}  {variant} backend unusable: missing {', '.join(lacking)}")
         for warning in r.warnings:
-            lines.append(f"{'':<{width}}  warning: {warning}")
+            lines.append(f"{pad}  warning: {warning}")
+        if every_check:
+            lines += [f"{pad}    {_check_line(c)}" for c in r.checks]
+            for variant, checks in r.variants.items():
+                lines += [f"{pad}    [{variant}] {_check_line(c)}" for c in checks]
     return lines
