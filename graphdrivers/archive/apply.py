@@ -85,6 +85,7 @@ WHITEOUT_MODES = ("delete", "overlay", "aufs")
 
 GiB = 1 << 30
 ZERO_RUN = bytes(4096)
+ZERO_HINT = bytes(64)  # cheap first test: a chunk without 64 zero bytes has no zero block
 SPARSE_BLOCK = len(ZERO_RUN)
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 OVERLAY_WHITEOUT_DEVICE = os.makedev(0, 0)
@@ -295,11 +296,30 @@ class _Applier:
         dir_fd, real = found
         name = parts[-1]
         path = "/".join((*real, name))
-
         link_source = self._link_source(entry) if entry.type == tf.LNKTYPE else None
-        merge = self._clear_for(dir_fd, name, path, entry)
-        kind = entry.type
 
+        # Create optimistically: in a fresh layer the name is almost never there already.
+        try:
+            self._create(dir_fd, name, path, real, entry, reader, link_source, merge=False)
+        except FileExistsError:
+            merge = self._clear_for(dir_fd, name, path, entry)
+            self._create(dir_fd, name, path, real, entry, reader, link_source, merge=merge)
+        self._mark_unpacked(path)
+
+    def _create(
+        self,
+        dir_fd: int,
+        name: str,
+        path: str,
+        real: Parts,
+        entry: tf.TarEntry,
+        reader: tf.TarReader,
+        link_source: tuple[int, str] | None,
+        *,
+        merge: bool,
+    ) -> None:
+        """Make the entry; raises FileExistsError (before any change) if the name is taken."""
+        kind = entry.type
         if kind == tf.REGTYPE:
             self._regular(dir_fd, name, entry, reader)
         elif kind == tf.DIRTYPE:
@@ -318,7 +338,6 @@ class _Applier:
             self._attributes_at(dir_fd, name, entry, symlink=False)
         else:
             self._device(dir_fd, name, entry)
-        self._mark_unpacked(path)
 
     def _clear_for(self, dir_fd: int, name: str, path: str, entry: tf.TarEntry) -> bool:
         """Make room for the entry; True if an existing directory is kept (merged)."""
@@ -422,6 +441,8 @@ class _Applier:
             log.debug("ignoring chown of %r to %d:%d: %s", entry.name, entry.uid, entry.gid, exc)
 
     def _set_xattrs(self, target: int | str, entry: tf.TarEntry, *, regular_or_dir: bool) -> None:
+        if not entry.xattrs:
+            return
         for key, value in entry.xattrs.items():
             if not is_layer_xattr(key):
                 log.debug("not applying xattr %s of %r (not a layer xattr)", key, entry.name)
@@ -493,7 +514,7 @@ def write_sparse(fd: int, chunks: object, size: int) -> None:
     skipped = False
     for chunk in chunks:  # type: ignore[attr-defined]
         n = len(chunk)
-        if chunk.find(ZERO_RUN) < 0:
+        if n < SPARSE_BLOCK or ZERO_HINT not in chunk or ZERO_RUN not in chunk:
             _pwrite_all(fd, chunk, offset)
             offset += n
             continue

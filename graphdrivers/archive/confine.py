@@ -44,6 +44,9 @@ def clean_name(name: str) -> Parts:
     """
     if "\0" in name:
         raise InvalidArchive(f"entry name {name!r} holds a NUL byte", path=name)
+    fast = tuple(name.rstrip("/").split("/"))
+    if not ("" in fast or "." in fast or ".." in fast):
+        return fast
 
     parts: list[str] = []
     for part in name.split("/"):

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from graphdrivers.archive import tarformat as tf
 from graphdrivers.archive.confine import DirResolver, NotADirectory
-from graphdrivers.archive.xattrs import read_layer_xattrs
+from graphdrivers.archive.xattrs import read_fd_xattrs, read_layer_xattrs
 from graphdrivers.whiteout import whiteout_name
 
 if TYPE_CHECKING:
@@ -126,7 +126,8 @@ def _entry(
     if stat.S_ISSOCK(mode):
         log.debug("export: /%s is a socket, which a tar cannot hold; skipped", rel)
         return
-    entry.xattrs = read_layer_xattrs(dir_fd, name)
+    if not stat.S_ISREG(mode):  # a regular file's are read through its descriptor
+        entry.xattrs = read_layer_xattrs(dir_fd, name)
 
     if not stat.S_ISDIR(mode) and st.st_nlink > 1:
         first = links.setdefault((st.st_dev, st.st_ino), rel)
@@ -167,6 +168,7 @@ def _regular(
 
         size = st.st_size
         entry.size = size
+        entry.xattrs = read_fd_xattrs(fd)
         header = tf.encode_header(entry)
         if size < FILE_CHUNK:
             yield header + _read_small(fd, size, rel) + tf.padding(size)

@@ -22,6 +22,7 @@ import base64
 import dataclasses
 import logging
 import os
+import struct
 import urllib.parse
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -288,6 +289,11 @@ class _Input:
 
 
 def _parse_number(field: bytes, what: str) -> int:
+    """An octal (NUL/space padded) or GNU base-256 header number."""
+    try:
+        return int(field.strip(b"\x00 "), 8)
+    except ValueError:
+        pass
     if field and field[0] & 0x80:
         value = int.from_bytes(field[1:], "big")
         return -value if field[0] == 0xFF else value
@@ -306,7 +312,8 @@ def _cstring(field: bytes) -> bytes:
 
 def _check_checksum(block: bytes, offset: int) -> None:
     stored = _parse_number(block[148:156], "checksum")
-    unsigned = sum(block[:148]) + 256 + sum(block[156:])
+    field = block[148:156]
+    unsigned = sum(block) - sum(field) + 256
     if stored == unsigned:
         return
     signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)
@@ -335,14 +342,17 @@ def _parse_pax(data: bytes, offset: int) -> dict[str, bytes]:
 
 
 def _parse_pax_time(value: bytes) -> int:
-    text = value.decode("ascii", "replace")
-    negative = text.startswith("-")
-    whole, _, frac = text.lstrip("-").partition(".")
+    """A PAX time (``[-]seconds[.fraction]``) in nanoseconds."""
+    negative = value.startswith(b"-")
+    whole, _, frac = value.lstrip(b"-").partition(b".")
     try:
-        ns = int(whole or "0") * NS_PER_SECOND + int((frac + "000000000")[:9] or "0")
+        ns = int(whole or b"0") * NS_PER_SECOND + int(frac[:9].ljust(9, b"0"))
     except ValueError as exc:
         raise InvalidArchive(f"bad PAX time {value!r}") from exc
     return -ns if negative else ns
+
+
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
 
 
 class TarReader:
@@ -362,7 +372,8 @@ class TarReader:
 
     def __iter__(self) -> Iterator[TarEntry]:
         while True:
-            self._skip_rest()
+            while self._remaining:
+                self._skip_data()
             entry = self._next_entry()
             if entry is None:
                 return
@@ -372,28 +383,28 @@ class TarReader:
 
     def data(self) -> Iterator[bytes]:
         """The current member's data, in chunks of at most :data:`READ_CHUNK` bytes."""
+        read_some = self._in.read_some
         while self._remaining:
-            piece = self._in.read_some(min(self._remaining, READ_CHUNK), "member data")
+            piece = read_some(min(self._remaining, READ_CHUNK), "member data")
             self._remaining -= len(piece)
             yield piece
 
-    def _skip_rest(self) -> None:
-        while self._remaining:
-            piece = self._in.read_some(min(self._remaining, READ_CHUNK), "member data")
-            self._remaining -= len(piece)
-        if self._pad:
-            self._in.read_exact(self._pad, "member padding")
-            self._pad = 0
+    def _skip_data(self) -> None:
+        piece = self._in.read_some(min(self._remaining, READ_CHUNK), "member data")
+        self._remaining -= len(piece)
 
     def _read_block(self) -> bytes | None:
-        """The next header block, or None at the end-of-archive marker."""
-        offset = self._in.offset
+        """The next header block (after the last member's padding), or None at the end."""
+        pad, self._pad = self._pad, 0
+        offset = self._in.offset + pad
         if self._in.at_eof():
             raise InvalidArchive(
                 f"layer tar ends at byte {offset} without its end-of-archive marker "
                 "(truncated, or not a tar stream)"
             )
-        block = self._in.read_exact(BLOCK, "a header")
+        block = self._in.read_exact(pad + BLOCK, "a header")
+        if pad:
+            block = block[pad:]
         if block == ZERO_BLOCK:
             return None
         _check_checksum(block, offset)
@@ -404,9 +415,7 @@ class TarReader:
             raise InvalidArchive(
                 f"{what} of {size} bytes is over the cap of {cap} bytes", expected=cap, got=size
             )
-        data = self._in.read_exact(size, what)
-        self._in.read_exact(-size % BLOCK, "padding")
-        return data
+        return self._in.read_exact(size + -size % BLOCK, what)[:size]
 
     def _next_entry(self) -> TarEntry | None:
         pax: dict[str, bytes] = {}
@@ -415,12 +424,13 @@ class TarReader:
         limits = self._limits
 
         while True:
-            offset = self._in.offset
+            offset = self._in.offset + self._pad
             block = self._read_block()
             if block is None:
                 return None
-            typeflag = block[156:157]
-            size = _parse_number(block[124:136], "size")
+            fields = _HEADER.unpack(block)
+            typeflag = fields[7]
+            size = _parse_number(fields[4], "size")
             if size < 0:
                 raise InvalidArchive(f"negative member size at byte {offset}")
 
@@ -444,13 +454,13 @@ class TarReader:
                         f"layer tar has more than {limits.max_entries} entries (max_entries)",
                         expected=limits.max_entries,
                     )
-                return self._member(
-                    block, typeflag, size, {**self._global, **pax}, long_name, long_link, offset
-                )
+                if self._global:
+                    pax = {**self._global, **pax}
+                return self._member(fields, typeflag, size, pax, long_name, long_link, offset)
 
     def _member(
         self,
-        block: bytes,
+        fields: tuple[bytes, ...],
         typeflag: bytes,
         size: int,
         pax: dict[str, bytes],
@@ -458,47 +468,52 @@ class TarReader:
         long_link: bytes | None,
         offset: int,
     ) -> TarEntry:
-        name = _cstring(block[0:100])
-        if block[257:265] == USTAR_MAGIC:
-            prefix = _cstring(block[345:500])
-            if prefix:
-                name = prefix + b"/" + name
-        name = pax.get("path", long_name if long_name is not None else name)
-        if long_link is None:
-            long_link = _cstring(block[157:257])
-        link = pax.get("linkpath", long_link)
+        if "path" in pax:
+            name = pax["path"]
+        elif long_name is not None:
+            name = long_name
+        else:
+            name = _cstring(fields[0])
+            if fields[9] == USTAR_MAGIC and fields[14][0]:
+                name = _cstring(fields[14]) + b"/" + name
+        if "linkpath" in pax:
+            link = pax["linkpath"]
+        else:
+            link = long_link if long_link is not None else _cstring(fields[8])
+        cap = self._limits.max_name_bytes
         for what, value in (("name", name), ("link target", link)):
-            if len(value) > self._limits.max_name_bytes:
+            if len(value) > cap:
                 raise InvalidArchive(
-                    f"entry {what} of {len(value)} bytes is over the cap of "
-                    f"{self._limits.max_name_bytes} (max_name_bytes)",
-                    expected=self._limits.max_name_bytes,
+                    f"entry {what} of {len(value)} bytes is over the cap of {cap} "
+                    "(max_name_bytes)",
+                    expected=cap,
                     got=len(value),
                 )
 
-        if typeflag == GNU_SPARSE or any(k.startswith("GNU.sparse.") for k in pax):
-            raise InvalidArchive(f"entry {name!r}: GNU sparse members are not supported")
         if typeflag == AREGTYPE and name.endswith(b"/"):
             typeflag = DIRTYPE
         elif typeflag in (AREGTYPE, CONTTYPE):
             typeflag = REGTYPE
         if typeflag not in MEMBER_TYPES:
+            kind = "GNU sparse" if typeflag == GNU_SPARSE else "unsupported"
             raise InvalidArchive(
-                f"entry {name!r} at byte {offset} has unsupported tar type {typeflag!r}"
+                f"entry {name!r} at byte {offset} has {kind} tar type {typeflag!r}"
             )
 
         entry = TarEntry(
-            name=os.fsdecode(name),
-            type=typeflag,
-            mode=_parse_number(block[100:108], "mode") & 0o7777,
-            uid=_parse_number(block[108:116], "uid"),
-            gid=_parse_number(block[116:124], "gid"),
-            size=size,
-            mtime_ns=_parse_number(block[136:148], "mtime") * NS_PER_SECOND,
-            linkname=os.fsdecode(link),
-            devmajor=_parse_number(block[329:337], "devmajor"),
-            devminor=_parse_number(block[337:345], "devminor"),
+            os.fsdecode(name),
+            typeflag,
+            _parse_number(fields[1], "mode") & 0o7777,
+            _parse_number(fields[2], "uid"),
+            _parse_number(fields[3], "gid"),
+            size,
+            _parse_number(fields[5], "mtime") * NS_PER_SECOND,
+            None,
+            os.fsdecode(link) if link else "",
         )
+        if typeflag in (CHRTYPE, BLKTYPE):
+            entry.devmajor = _parse_number(fields[12], "devmajor")
+            entry.devminor = _parse_number(fields[13], "devminor")
         if pax:
             _apply_pax(entry, pax)
         if entry.size < 0:
@@ -522,6 +537,8 @@ def _apply_pax(entry: TarEntry, pax: dict[str, bytes]) -> None:
             entry.atime_ns = _parse_pax_time(value)
         elif key.startswith(SCHILY_XATTR):
             entry.xattrs[key[len(SCHILY_XATTR) :]] = value
+        elif key.startswith("GNU.sparse."):
+            raise InvalidArchive(f"entry {entry.name!r}: GNU sparse members are not supported")
         elif key.startswith(LIBARCHIVE_XATTR):
             xname = urllib.parse.unquote(key[len(LIBARCHIVE_XATTR) :])
             try:

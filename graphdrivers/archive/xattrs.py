@@ -47,9 +47,21 @@ def fd_path(dir_fd: int, name: str) -> str:
 
 def read_layer_xattrs(dir_fd: int, name: str) -> dict[str, bytes]:
     """The layer xattrs of entry ``name`` of the directory ``dir_fd``, sorted by name."""
-    path = fd_path(dir_fd, name)
+    return _read(fd_path(dir_fd, name))
+
+
+def read_fd_xattrs(fd: int) -> dict[str, bytes]:
+    """The layer xattrs of the file or directory open as ``fd``, sorted by name."""
+    return _read(fd)
+
+
+def _read(path: int | str) -> dict[str, bytes]:
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = (
+            os.listxattr(path, follow_symlinks=False)
+            if isinstance(path, str)
+            else (os.listxattr(path))
+        )
     except OSError as exc:
         if exc.errno in _UNSUPPORTED:
             return {}
@@ -58,7 +70,10 @@ def read_layer_xattrs(dir_fd: int, name: str) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
     for key in sorted(n for n in names if is_layer_xattr(n)):
         try:
-            found[key] = os.getxattr(path, key, follow_symlinks=False)
+            if isinstance(path, str):
+                found[key] = os.getxattr(path, key, follow_symlinks=False)
+            else:
+                found[key] = os.getxattr(path, key)
         except OSError as exc:
             if exc.errno not in _UNSUPPORTED:
                 raise
