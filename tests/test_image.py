@@ -637,6 +637,8 @@ def test_export_is_reproducible_and_adds_tags_to_a_layout(vfs: Driver, tmp_path:
     (tmp_path / "junk" / "file").write_text("x")
     with pytest.raises(InvalidOption, match="not an OCI image layout"):
         export_image(vfs, ids[-1], tmp_path / "junk")
+    with pytest.raises(InvalidOption, match="not a directory"):
+        export_image(vfs, ids[-1], tmp_path / "junk" / "file")
 
 
 def corrupt_layout(tmp_path: Path, swap_layer: int) -> Path:

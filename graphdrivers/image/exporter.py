@@ -115,6 +115,8 @@ def export_image(
 def _prepare_layout(dest: Path) -> Path:
     """Make ``dest`` an image layout (or check it is one) and return its blob directory."""
     layout_file, index_file = dest / oci.LAYOUT_FILE, dest / oci.INDEX_FILE
+    if dest.exists() and not dest.is_dir():
+        raise InvalidOption(f"{dest} exists and is not a directory", path=str(dest))
     if dest.exists() and not layout_file.exists() and any(dest.iterdir()):
         raise InvalidOption(
             f"{dest} exists and is not an OCI image layout; export into an empty or new "
