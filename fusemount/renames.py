@@ -5,7 +5,7 @@ redirect xattr a layer tar cannot express); fuse-overlayfs copies. We copy too, 
 stays a plain directory tree any overlay implementation reads the same way:
 
 1. build the merged subtree in the work dir: directories made fresh with their attributes and
-   origin xattr, marked opaque (the copy is complete, nothing below must show through);
+   origin xattr (the top one opaque when a lower layer has an entry at the new name);
    upper files hardlinked into it (same inode), lower files copied with their attributes,
    hardlinked lower files copied up once in place and then linked, so link groups survive;
 2. rename the finished copy onto the new name (clearing a whiteout or a merged-empty
@@ -70,7 +70,8 @@ class RenameDir:
         old_fd = self.copyup.dir_fd(old_parent)
         tmp = self.whiteouts.temp_name()
         try:
-            self._copy_dir(src, self.work_fd, tmp)
+            opaque = self.tree.lower_has(new_parent, name_new)
+            self._copy_dir(src, self.work_fd, tmp, opaque)
         except BaseException:
             if _exists(self.work_fd, tmp):
                 remove_entry(self.work_fd, tmp, True)
@@ -95,11 +96,15 @@ class RenameDir:
         table.prune(old_parent)
         log.debug("renamed merged directory %r by copying it", src)
 
-    def _copy_dir(self, node: Node, dst_parent_fd: int, dst_name: bytes) -> None:
+    def _copy_dir(
+        self, node: Node, dst_parent_fd: int, dst_name: bytes, opaque: bool = False
+    ) -> None:
         with self.tree.table.held(node):
-            self._copy_dir_held(node, dst_parent_fd, dst_name)
+            self._copy_dir_held(node, dst_parent_fd, dst_name, opaque)
 
-    def _copy_dir_held(self, node: Node, dst_parent_fd: int, dst_name: bytes) -> None:
+    def _copy_dir_held(
+        self, node: Node, dst_parent_fd: int, dst_name: bytes, opaque: bool
+    ) -> None:
         os.mkdir(dst_name, 0o700, dir_fd=dst_parent_fd)
         fd = os.open(dst_name, ly.DIR_OPEN_FLAGS, dir_fd=dst_parent_fd)
         try:
@@ -118,7 +123,8 @@ class RenameDir:
             st = os.stat(src_fd)
             xattrs.copy_all(src_fd, True, fd, True)
             os.setxattr(fd, origin_xattr_for(stat.S_IFDIR), encode_origin(node.ino))
-            self.whiteouts.mark_opaque(fd)
+            if opaque:
+                self.whiteouts.mark_opaque(fd)
             os.chown(fd, st.st_uid, st.st_gid)
             os.chmod(fd, stat.S_IMODE(st.st_mode))
             os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))

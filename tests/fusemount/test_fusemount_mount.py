@@ -285,4 +285,3 @@ def test_thousand_layer_chain(tmp_path: Path) -> None:
 def test_module_entry_point_prints_usage() -> None:
     proc = subprocess.run([sys.executable, "-m", "fusemount.main", "--help"], capture_output=True)
     assert proc.returncode == 0 and b"lowerdir" not in proc.stderr
-
