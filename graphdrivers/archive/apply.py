@@ -52,6 +52,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -379,7 +380,7 @@ class _Applier:
     def _regular(self, dir_fd: int, name: str, entry: tf.TarEntry, reader: tf.TarReader) -> None:
         fd = os.open(name, NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
         try:
-            write_sparse(fd, reader.data(), entry.size)
+            write_sparse(fd, reader.spans(), entry.size)
             self._chown(fd, entry)
             os.fchmod(fd, entry.mode)
             self._set_xattrs(fd, entry, regular_or_dir=True)
@@ -490,6 +491,8 @@ class _Applier:
 
 
 def _check_components(parts: Parts, name: str) -> None:
+    if ".wh." not in name:
+        return
     for i, part in enumerate(parts):
         if part in INVALID_WHITEOUT_NAMES:
             raise InvalidArchive(f"entry {name!r}: {part!r} is not a valid name", path=name)
@@ -504,42 +507,45 @@ def _times(entry: tf.TarEntry) -> tuple[int, int]:
     return atime, entry.mtime_ns
 
 
-def write_sparse(fd: int, chunks: object, size: int) -> None:
-    """Write ``chunks`` (an iterable of bytes) to the new file ``fd``, skipping zero blocks.
+def write_sparse(fd: int, spans: Iterable[tuple[bytes, int, int]], size: int) -> None:
+    """Write the data ``spans`` (``(buffer, start, end)``) to the new file ``fd`` sparsely.
 
-    Only whole 4 KiB blocks of zeros aligned to the file offset become holes; a chunk with no
+    Only whole 4 KiB blocks of zeros aligned to the file offset become holes; a span with no
     run of 4 KiB zeros anywhere (the usual case) is written in one call.
     """
     offset = 0
     skipped = False
-    for chunk in chunks:  # type: ignore[attr-defined]
-        n = len(chunk)
-        if n < SPARSE_BLOCK or ZERO_HINT not in chunk or ZERO_RUN not in chunk:
-            _pwrite_all(fd, chunk, offset)
+    for buf, first, last in spans:
+        n = last - first
+        if (
+            n < SPARSE_BLOCK
+            or buf.find(ZERO_HINT, first, last) < 0
+            or buf.find(ZERO_RUN, first, last) < 0
+        ):
+            _pwrite_all(fd, memoryview(buf)[first:last], offset)
             offset += n
             continue
 
         start: int | None = None
-        pos = 0
-        while pos < n:
-            end = min(n, pos + SPARSE_BLOCK - (offset + pos) % SPARSE_BLOCK)
-            if end - pos == SPARSE_BLOCK and chunk[pos:end] == ZERO_RUN:
+        pos = first
+        while pos < last:
+            end = min(last, pos + SPARSE_BLOCK - (offset + pos - first) % SPARSE_BLOCK)
+            if end - pos == SPARSE_BLOCK and buf[pos:end] == ZERO_RUN:
                 if start is not None:
-                    _pwrite_all(fd, chunk[start:pos], offset + start)
+                    _pwrite_all(fd, memoryview(buf)[start:pos], offset + start - first)
                     start = None
                 skipped = True
             elif start is None:
                 start = pos
             pos = end
         if start is not None:
-            _pwrite_all(fd, chunk[start:n], offset + start)
+            _pwrite_all(fd, memoryview(buf)[start:last], offset + start - first)
         offset += n
     if skipped:
         os.ftruncate(fd, size)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while view:
         written = os.pwrite(fd, view, offset)
         view = view[written:]

@@ -263,22 +263,25 @@ class _Input:
         self.offset += size
         return joined[:size]
 
-    def read_some(self, limit: int, what: str) -> bytes:
-        """Between 1 and ``limit`` bytes (limit > 0), or InvalidArchive at end of stream."""
+    def read_span(self, limit: int, what: str) -> tuple[bytes, int, int]:
+        """Between 1 and ``limit`` bytes as ``(buffer, start, end)``, without copying them.
+
+        Raises InvalidArchive at the end of the stream.
+        """
         avail = len(self._buf) - self._pos
         if avail:
+            start = self._pos
             n = min(avail, limit)
-            data = self._buf[self._pos : self._pos + n]
             self._pos += n
             self.offset += n
-            return data
+            return self._buf, start, start + n
         piece = self._pull(min(limit, READ_CHUNK))
         if not piece:
             raise InvalidArchive(
                 f"layer tar is truncated: it ends inside {what} at byte {self.offset}"
             )
         self.offset += len(piece)
-        return piece
+        return piece, 0, len(piece)
 
     def at_eof(self) -> bool:
         """True if no byte is left (reading ahead into the buffer to find out)."""
@@ -383,15 +386,20 @@ class TarReader:
 
     def data(self) -> Iterator[bytes]:
         """The current member's data, in chunks of at most :data:`READ_CHUNK` bytes."""
-        read_some = self._in.read_some
+        for buf, start, end in self.spans():
+            yield buf[start:end]
+
+    def spans(self) -> Iterator[tuple[bytes, int, int]]:
+        """The current member's data as ``(buffer, start, end)`` pieces, not copied."""
+        read_span = self._in.read_span
         while self._remaining:
-            piece = read_some(min(self._remaining, READ_CHUNK), "member data")
-            self._remaining -= len(piece)
-            yield piece
+            span = read_span(min(self._remaining, READ_CHUNK), "member data")
+            self._remaining -= span[2] - span[1]
+            yield span
 
     def _skip_data(self) -> None:
-        piece = self._in.read_some(min(self._remaining, READ_CHUNK), "member data")
-        self._remaining -= len(piece)
+        _, start, end = self._in.read_span(min(self._remaining, READ_CHUNK), "member data")
+        self._remaining -= end - start
 
     def _read_block(self) -> bytes | None:
         """The next header block (after the last member's padding), or None at the end."""

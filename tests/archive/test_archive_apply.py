@@ -583,3 +583,26 @@ def test_gnu_sparse_members_are_refused(tmp_path: Path) -> None:
     dst.mkdir()
     with pytest.raises(InvalidArchive, match="sparse"):
         apply_bytes(dst, data)
+
+
+def test_write_sparse_any_split_keeps_content_and_makes_holes(tmp_path: Path) -> None:
+    import random
+
+    from graphdrivers.archive.apply import write_sparse
+
+    rng = random.Random(5)
+    for trial in range(20):
+        blocks = [bytes(4096) if rng.random() < 0.5 else rng.randbytes(4096) for _ in range(64)]
+        data = b"".join(blocks) + rng.randbytes(rng.randrange(4096)) + bytes(rng.randrange(9000))
+        cuts = sorted(rng.sample(range(1, len(data)), 10))
+        spans = [(data, a, b) for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        path = tmp_path / f"f{trial}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            write_sparse(fd, spans, len(data))
+        finally:
+            os.close(fd)
+        assert path.read_bytes() == data
+        # Every aligned 4 KiB block of zeros that no split cut through is a hole.
+        data_bytes = sum(1 for b in blocks if any(b)) * 4096
+        assert os.stat(path).st_blocks * 512 <= data_bytes + 12 * 4096 + 16384
