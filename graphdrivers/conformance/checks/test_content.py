@@ -6,6 +6,7 @@ back the same, with nanosecond mtimes, in the base and in a child and a grandchi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -42,16 +43,18 @@ def test_snapshot_keeps(driver: Any, caps: Any, part: str) -> None:
 
 
 def test_snapshot_keeps_everything(driver: Any, caps: Any) -> None:
-    """All parts at once, with directory mtimes too."""
+    """All parts at once, with directory mtimes too (but the root's: a union's is its own)."""
     driver.create("base")
     with driver.mounted("base") as root:
         corpus.populate_all(Path(root), caps)
         corpus.set_dir_mtimes(Path(root))
         expected = manifest(Path(root), mtimes=True, dir_mtimes=True)
     driver.create("child", "base")
+    got = tree(driver, "child", mtimes=True, dir_mtimes=True)
+    got["/"] = dataclasses.replace(got["/"], mtime_ns=expected["/"].mtime_ns)
     assert_same_tree(
         expected,
-        tree(driver, "child", mtimes=True, dir_mtimes=True),
+        got,
         "child of a layer with every file type",
     )
 

@@ -26,10 +26,10 @@ DEEP_CHAIN = 50
 
 def test_create_empty(driver: Any) -> None:
     """A layer with no parent exists, and its root is an empty 0755 directory owned by root."""
-    driver.create("empty")
-    assert driver.exists("empty")
+    driver.create("empty-layer")
+    assert driver.exists("empty-layer")
 
-    with driver.mounted("empty") as root:
+    with driver.mounted("empty-layer") as root:
         st = os.lstat(root)
         assert stat.S_ISDIR(st.st_mode), f"mountpoint {root} is not a directory"
         assert stat.S_IMODE(st.st_mode) == 0o755, f"root mode {stat.S_IMODE(st.st_mode):04o}"
@@ -38,8 +38,8 @@ def test_create_empty(driver: Any) -> None:
         )
         assert listing(Path(root)) == [], f"a new layer holds {listing(Path(root))}"
 
-    driver.remove("empty")
-    assert not driver.exists("empty")
+    driver.remove("empty-layer")
+    assert not driver.exists("empty-layer")
 
 
 def test_create_base(driver: Any) -> None:
