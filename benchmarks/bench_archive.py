@@ -125,7 +125,8 @@ def main() -> None:
         run_ours("export", tree, layer)
         print(
             f"tree: {files} files, {total / 2**20:.0f} MiB; layer tar "
-            f"{layer.stat().st_size / 2**20:.0f} MiB; {os.cpu_count()} cores"
+            f"{layer.stat().st_size / 2**20:.0f} MiB; {os.cpu_count()} cores; in {work}; "
+            f"load average {os.getloadavg()[0]:.1f}"
         )
 
         times: dict[str, list[float]] = {k: [] for k in ("apply", "tar-x", "export", "tar-c")}

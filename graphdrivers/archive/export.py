@@ -194,18 +194,25 @@ def _regular(
 
 
 def _read_small(fd: int, size: int, rel: str) -> bytes:
-    """All of a small file, made exactly ``size`` bytes long (see the module docstring)."""
-    parts = []
-    got = 0
+    """All of a small file, made exactly ``size`` bytes long (see the module docstring).
+
+    Asking for one byte more than expected tells, in the same call, whether the file grew.
+    """
+    data = os.read(fd, size + 1)
+    if len(data) > size:
+        log.warning("export: /%s grew while being read; cut to %d bytes", rel, size)
+        return data[:size]
+    parts = [data]
+    got = len(data)
     while got < size:
-        data = os.read(fd, size - got)
-        if not data:
+        more = os.read(fd, size - got + 1)
+        if not more:
             log.warning("export: /%s shrank while being read; padded with zeros", rel)
             parts.append(bytes(size - got))
             break
-        parts.append(data)
-        got += len(data)
-    else:
-        if os.read(fd, 1):
-            log.warning("export: /%s grew while being read; cut to %d bytes", rel, size)
-    return b"".join(parts)
+        parts.append(more)
+        got += len(more)
+    data = b"".join(parts)
+    if len(data) > size:
+        log.warning("export: /%s grew while being read; cut to %d bytes", rel, size)
+    return data[:size]

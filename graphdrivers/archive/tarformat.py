@@ -109,6 +109,12 @@ def format_pax_time(ns: int) -> bytes:
     return f"{sign}{seconds}.{frac:09d}".encode()
 
 
+_USTAR_LAYOUT = (
+    b"%s%07o\x00%07o\x00%07o\x00%011o\x00%011o\x00        %s%s" + USTAR_MAGIC + bytes(64) + b"%s%s"
+)
+_PAX_BLOCKS: dict[int, bytes] = {}
+
+
 def _ustar_block(
     name: bytes,
     typeflag: bytes,
@@ -122,26 +128,31 @@ def _ustar_block(
     devmajor: int = 0,
     devminor: int = 0,
 ) -> bytes:
-    block = b"".join(
-        (
-            name[:100].ljust(100, b"\x00"),
-            _octal(mode, 8),
-            _octal(uid, 8),
-            _octal(gid, 8),
-            _octal(size, 12),
-            _octal(mtime, 12),
-            b"        ",
-            typeflag,
-            linkname[:100].ljust(100, b"\x00"),
-            USTAR_MAGIC,
-            bytes(64),  # uname, gname: left empty (OCI ignores them)
-            _number(devmajor, 8),
-            _number(devminor, 8),
-            bytes(167),  # prefix (unused: long names go to PAX) and padding
-        )
+    """One ustar header block; uname, gname and prefix are left empty."""
+    block = _USTAR_LAYOUT % (
+        name[:100].ljust(100, b"\x00"),
+        mode,
+        uid,
+        gid,
+        size,
+        mtime,
+        typeflag,
+        linkname[:100].ljust(100, b"\x00"),
+        _number(devmajor, 8),
+        _number(devminor, 8),
     )
-    checksum = b"%06o\x00 " % sum(block)
-    return block[:148] + checksum + block[156:]
+    block += bytes(BLOCK - len(block))
+    return b"%s%06o\x00 %s" % (block[:148], sum(block), block[156:])
+
+
+def _pax_block(size: int) -> bytes:
+    """The ustar block that announces a PAX header of ``size`` bytes (memoized: it is fixed)."""
+    block = _PAX_BLOCKS.get(size)
+    if block is None:
+        block = _ustar_block(PAX_HEADER_NAME, PAX_X, mode=0o644, uid=0, gid=0, size=size, mtime=0)
+        if len(_PAX_BLOCKS) < 4096:
+            _PAX_BLOCKS[size] = block
+    return block
 
 
 def encode_header(entry: TarEntry) -> bytes:
@@ -186,10 +197,7 @@ def encode_header(entry: TarEntry) -> bytes:
     if not pax:
         return block
     records = b"".join(_pax_record(k, pax[k]) for k in sorted(pax))
-    pax_block = _ustar_block(
-        PAX_HEADER_NAME, PAX_X, mode=0o644, uid=0, gid=0, size=len(records), mtime=0
-    )
-    return pax_block + records + padding(len(records)) + block
+    return _pax_block(len(records)) + records + padding(len(records)) + block
 
 
 def padding(size: int) -> bytes:
