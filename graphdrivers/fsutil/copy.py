@@ -124,8 +124,8 @@ def copy_tree(src: Path | str, dst: Path | str) -> CopyStats:
     if real_dst == real_src or real_src in real_dst.parents:
         raise DriverError(f"copy_tree: destination {dst} lies inside the source {src}", path=dst)
 
-    try:
-        src_fd = _open_dir(os.fspath(src))
+    try:  # the root may be reached through a symlink; nothing below it is followed
+        src_fd = _open_dir(os.fspath(src), follow=True)
     except OSError as exc:
         raise DriverError(
             f"copy_tree: cannot open source {src}: {exc.strerror}", path=src
@@ -169,12 +169,14 @@ def probe_copy_method(directory: Path) -> CopyMethod:
                 os.unlink(name)
 
 
-def _open_dir(path: str, dir_fd: int | None = None) -> int:
-    """Open a directory without following a symlink at the last component, O_NOATIME if allowed."""
+def _open_dir(path: str, dir_fd: int | None = None, *, follow: bool = False) -> int:
+    """Open a directory (a symlink at the last component only if ``follow``), O_NOATIME if
+    allowed."""
+    flags = _DIR_FLAGS & ~os.O_NOFOLLOW if follow else _DIR_FLAGS
     try:
-        return os.open(path, _DIR_FLAGS | _O_NOATIME, dir_fd=dir_fd)
+        return os.open(path, flags | _O_NOATIME, dir_fd=dir_fd)
     except PermissionError:
-        return os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+        return os.open(path, flags, dir_fd=dir_fd)
 
 
 @dataclasses.dataclass(slots=True)
