@@ -383,6 +383,65 @@ def test_doctor_explains_a_home_on_the_wrong_filesystem(cli: Cli, tmp_path: Path
     assert any("mkfs.btrfs" in h or "--home" in h for h in btrfs["hints"])
 
 
+HOOKED_DRIVER = """
+import contextlib, pathlib, tempfile
+from graphdrivers.drivers.vfs import VfsDriver
+
+LOG = pathlib.Path(__file__).with_name("hook.log")
+
+
+class ForgetfulVfs(VfsDriver):
+    name = "forgetful"
+
+    def changes(self, layer_id, parent=None):
+        return []  # breaks the contract: the suite must notice
+
+
+@contextlib.contextmanager
+def conformance_home():
+    with tempfile.TemporaryDirectory() as root:
+        LOG.write_text("entered " + root + "\\n")
+        yield pathlib.Path(root)
+    with LOG.open("a") as f:
+        f.write("exited\\n")
+"""
+
+
+def test_conformance_runs_the_suite_and_passes_pytest_status(cli: Cli, tmp_path: Path) -> None:
+    proc = cli(
+        "conformance",
+        "vfs",
+        "--home",
+        str(tmp_path / "homes"),
+        "--",
+        "-q",
+        "-k",
+        "changes_exact",
+        home=False,
+    )
+    assert proc.returncode == 0, proc.stdout.decode()[-2000:]
+    assert b"1 passed" in proc.stdout
+
+    (tmp_path / "hooked.py").write_text(HOOKED_DRIVER)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), PYTHONDONTWRITEBYTECODE="1")
+    proc = cli(
+        "conformance",
+        "hooked:ForgetfulVfs",
+        "--",
+        "-q",
+        "-k",
+        "changes_exact",
+        env=env,
+        home=False,
+    )
+    assert proc.returncode == 1, proc.stdout.decode()[-2000:]  # pytest: tests failed
+    assert b"1 failed" in proc.stdout
+    log = (tmp_path / "hook.log").read_text().split()
+    assert log[0] == "entered" and log[-1] == "exited"  # the module's homes were used
+
+    assert "unknown driver" in cli.fails(8, "conformance", "nosuch")
+
+
 def test_exit_code_table_matches_the_docs() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
     for code in (

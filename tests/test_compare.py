@@ -43,6 +43,7 @@ def assert_nothing_left(tmp: Path) -> None:
     assert sorted(os.listdir(tmp)) == []
 
 
+@pytest.mark.slow
 def test_every_driver_gets_a_row_with_the_workload_numbers(tmp_path: Path) -> None:
     scratch = tmp_path / "tmp"
     scratch.mkdir()

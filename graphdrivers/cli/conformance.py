@@ -34,10 +34,8 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         description="Run the conformance suite against driver SPEC.",
     )
     p.add_argument("spec", metavar="SPEC", help="driver name or package.module:Factory")
-    p.add_argument(
-        "pytest_args", nargs="*", metavar="PYTEST_ARG", help="arguments for pytest, after --"
-    )
-    p.set_defaults(func=run)
+    # Arguments after "--" are split off before parsing (see main.split_pytest_args).
+    p.set_defaults(func=run, pytest_args=[])
 
 
 @contextlib.contextmanager

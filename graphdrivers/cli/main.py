@@ -136,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_pytest_args(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """Split ``conformance ... -- PYTEST ARGS`` at the ``--``, so pytest gets the rest whole.
+
+    argparse cannot mix options and a trailing free list reliably; only the conformance
+    verb takes one, so ``--`` keeps its usual meaning for every other verb.
+    """
+    if "--" in argv and "conformance" in argv[: argv.index("--")]:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1 :]
+    return argv, None
+
+
 def _setup_logging(verbosity: int) -> None:
     level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING
     logging.basicConfig(level=level, format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
@@ -144,7 +156,10 @@ def _setup_logging(verbosity: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one verb and return its exit code (the console script exits with it)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words, pytest_args = split_pytest_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(words)
+    if pytest_args is not None:
+        args.pytest_args = pytest_args
     _setup_logging(args.verbose)
     handler: Handler = args.func
 
