@@ -27,11 +27,13 @@ def manifest(root: Path, *, dir_times: bool = True) -> Manifest:
             full = os.path.join(dirpath, name)
             entries[os.path.relpath(full, root)] = os.lstat(full)
 
-    groups: dict[tuple[int, int], str] = {}
+    # Hardlink groups as seen inside this tree (names elsewhere, as in a snapshot, don't count).
+    seen: dict[tuple[int, int], list[str]] = {}
     for rel in sorted(entries):
         st = entries[rel]
         if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-            groups.setdefault((st.st_dev, st.st_ino), rel)
+            seen.setdefault((st.st_dev, st.st_ino), []).append(rel)
+    groups = {key: names[0] for key, names in seen.items() if len(names) > 1}
 
     result: Manifest = {}
     for rel, st in sorted(entries.items()):
