@@ -335,6 +335,42 @@ def test_get_replaces_a_mount_left_by_a_crashed_process(home: Path) -> None:
         driver.cleanup()
 
 
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    from graphdrivers.drivers.overlay import OverlayDriver
+    driver = OverlayDriver(sys.argv[1])
+    driver.create("held")
+    driver.get("held")
+    print("mounted", flush=True)
+    sys.stdin.readline()
+    driver.put("held")
+    driver.cleanup()
+    """
+)
+
+
+def test_mounts_of_another_live_process_are_left_alone(home: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(home)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "mounted\n"
+        driver = OverlayDriver(home)
+        driver.cleanup()
+        assert is_mounted(home / "held/merged")
+        with pytest.raises(LayerBusy) as info:
+            driver.get("held")
+        assert str(holder.pid) in str(info.value)
+    finally:
+        holder.communicate("done\n", timeout=60)
+    assert holder.returncode == 0
+    assert not is_mounted(home / "held/merged")
+
+
 def test_lost_short_links_are_rebuilt(home: Path) -> None:
     driver = OverlayDriver(home)
     driver.create("a")

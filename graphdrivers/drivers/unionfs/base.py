@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, BinaryIO, ClassVar
 
 from graphdrivers.driver import Capabilities, Driver
-from graphdrivers.errors import DriverError
+from graphdrivers.errors import DriverError, LayerBusy
 from graphdrivers.fsutil.fstype import filesystem_type, mounts_under
 from graphdrivers.ids import LayerId
 from graphdrivers.store import LayerRecord
@@ -111,6 +111,14 @@ class UnionDriverBase(Driver):
         lid = record.id
         merged = self.layout.merged_dir(lid)
         for entry in mounts_under(merged):
+            owner = self.layout.live_owner(lid)
+            if owner is not None:
+                raise LayerBusy(
+                    f"layer {lid!r} is mounted at {merged} by process {owner}, which uses the "
+                    "same home; put() it there first",
+                    layer_id=lid,
+                    path=merged,
+                )
             log.info("layer %s: replacing mount %s left by another process", lid, entry.target)
             self._detach_stale(entry.target)
 
@@ -122,6 +130,7 @@ class UnionDriverBase(Driver):
             lowers.append(self.layout.empty_dir)
 
         self._mount_stack(lid, lowers, readonly)
+        self.layout.record_owner(lid)
         if readonly:
             self._readonly_mounts.add(lid)
         else:
@@ -129,15 +138,28 @@ class UnionDriverBase(Driver):
         return merged
 
     def _unmount(self, layer_id: LayerId) -> None:
-        self._unmount_stack(layer_id)
+        merged = self.layout.merged_dir(layer_id)
+        if any(e.target == merged for e in mounts_under(merged)):
+            self._unmount_stack(layer_id)
+        else:
+            log.debug("layer %s: %s was already unmounted", layer_id, merged)
+        self.layout.clear_owner(layer_id)
         self._readonly_mounts.discard(layer_id)
 
     def _cleanup(self) -> None:
-        """Unmount what is left under the home, also mounts of a crashed process."""
+        """Unmount what is left under the home: this process's mounts and crashed ones'.
+
+        A mount recorded as made by another live process (another driver on this home) stays.
+        """
         for entry in mounts_under(self.home):
-            if entry.target.name == MERGED_DIR:
-                log.info("cleanup: unmounting %s", entry.target)
-                self._detach_stale(entry.target)
+            if entry.target.name != MERGED_DIR:
+                continue
+            lid = LayerId(entry.target.parent.name)
+            if self.layout.live_owner(lid) is not None:
+                continue
+            log.info("cleanup: unmounting %s", entry.target)
+            self._detach_stale(entry.target)
+            self.layout.clear_owner(lid)
 
     def _metadata(self, record: LayerRecord) -> dict[str, str]:
         lid = record.id

@@ -15,6 +15,8 @@ Each layer keeps only its own changes, in ``diff/``; a mount stacks them::
     │   ├── link                           the layer's SHORT name
     │   ├── lower                          "l/<SHORT>:l/<SHORT>:..." of the ancestors, nearest
     │   │                                  first (absent for a base layer)
+    │   ├── mounted-by                     "<pid> <start time>" of the process that mounted
+    │   │                                  merged/ (while it is mounted)
     │   └── daemon.pid                     union only: the fusemount daemon serving merged/
     ├── layers/ staging/ lock              the layer store (graphdrivers.store)
 
@@ -22,6 +24,10 @@ A writable mount is ``lowerdir=<ancestors' diffs>,upperdir=diff,workdir=work`` (
 lowerdir is ``empty/``). A read-only mount has no upper: ``lowerdir=diff:<ancestors' diffs>``.
 ``diff/`` holds whiteouts in the format of the driver that wrote it (overlay: char device 0/0
 and the opaque xattr; aufs: ``.wh.`` files), see :mod:`graphdrivers.whiteout`.
+
+``mounted-by`` tells a mount another live process made (which this process must leave alone)
+from one a crashed process left behind (which ``get`` replaces and ``cleanup`` removes); the
+start time guards against a reused PID.
 
 The ``l/`` links are derived data: :meth:`UnionLayout.repair_links` rebuilds missing ones from
 each layer's ``link`` file and drops stray ones at start-up.
@@ -40,7 +46,7 @@ from pathlib import Path
 from graphdrivers.errors import DriverError
 from graphdrivers.fsutil.remove import remove_tree
 from graphdrivers.ids import LayerId
-from graphdrivers.store import make_private_dir
+from graphdrivers.store import atomic_write, make_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,7 @@ MERGED_DIR = "merged"
 LINK_FILE = "link"
 LOWER_FILE = "lower"
 DAEMON_PID_FILE = "daemon.pid"
+OWNER_FILE = "mounted-by"
 
 LAYER_DIR_MODE = 0o710
 BASE_ROOT_MODE = 0o755
@@ -92,6 +99,9 @@ class UnionLayout:
 
     def pid_file(self, layer_id: LayerId) -> Path:
         return self.home / layer_id / DAEMON_PID_FILE
+
+    def owner_file(self, layer_id: LayerId) -> Path:
+        return self.home / layer_id / OWNER_FILE
 
     def short_name(self, layer_id: LayerId) -> str:
         return (self.layer_dir(layer_id) / LINK_FILE).read_text().strip()
@@ -161,6 +171,28 @@ class UnionLayout:
         for entry in os.listdir(work):
             remove_tree(work / entry)
 
+    # ------------------------------------------------------------------ mount owners
+
+    def record_owner(self, layer_id: LayerId) -> None:
+        """Note that this process mounted ``merged/`` of ``layer_id``."""
+        pid = os.getpid()
+        atomic_write(self.owner_file(layer_id), f"{pid} {process_start(pid)}\n".encode())
+
+    def clear_owner(self, layer_id: LayerId) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.owner_file(layer_id))
+
+    def live_owner(self, layer_id: LayerId) -> int | None:
+        """The PID of another live process that mounted ``layer_id``, or None."""
+        try:
+            pid_text, start = self.owner_file(layer_id).read_text().split()
+            pid = int(pid_text)
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return None
+        if pid == os.getpid() or process_start(pid) != start:
+            return None
+        return pid
+
     # ------------------------------------------------------------------ repair
 
     def repair_links(self, layer_ids: list[LayerId]) -> None:
@@ -182,3 +214,13 @@ class UnionLayout:
             if not os.path.lexists(link):
                 log.info("recreating short link %s of layer %s", link, layer_id)
                 os.symlink(target, link)
+
+
+def process_start(pid: int) -> str:
+    """The start time of process ``pid`` in clock ticks since boot ("" if there is none)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return ""
+    return fields[19] if len(fields) > 19 and fields[0] != "Z" else ""
