@@ -171,7 +171,9 @@ def _regular(
         entry.xattrs = read_fd_xattrs(fd)
         header = tf.encode_header(entry)
         if size < FILE_CHUNK:
-            yield header + _read_small(fd, size, rel) + tf.padding(size)
+            yield header
+            yield _read_small(fd, size, rel)
+            yield tf.padding(size)
             return
 
         yield header
