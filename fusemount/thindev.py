@@ -8,7 +8,9 @@ to a file and mount a kernel filesystem on that. This daemon owns one pool
     ├── control        write a message, read the pool status
     └── thin-<dev id>  one file per active thin device; reads and writes go through the pool
 
-Messages are the kernel thin-pool target's (``create_thin N``, ``create_snap N ORIGIN``,
+Reading ``control`` gives ``key value`` lines: transaction_id, metadata and data (used/total
+blocks), data_block_size (sectors), devices and active (device ids). Messages are the kernel
+thin-pool target's (``create_thin N``, ``create_snap N ORIGIN``,
 ``delete N``, ``set_transaction_id OLD NEW``) plus what ``dmsetup create``/``remove`` of a
 thin table would do (``activate N SIZE_BYTES``, ``deactivate N``) and ``commit``. A message
 that fails makes the write fail with an errno: EEXIST, ENOENT, EBUSY, EINVAL, ENOSPC.
@@ -222,11 +224,17 @@ class ThinDeviceFS(pyfuse3.Operations):
     # ---------------------------------------------------------------- messages
 
     def _status_line(self) -> bytes:
+        """What reading the control file gives: one ``key value`` line each."""
         s = self.pool.status()
-        return (
-            f"{s.transaction_id} {s.used_metadata_blocks}/{s.total_metadata_blocks} "
-            f"{s.used_data_blocks}/{s.total_data_blocks} {s.data_block_size}\n"
-        ).encode()
+        lines = [
+            f"transaction_id {s.transaction_id}",
+            f"metadata {s.used_metadata_blocks}/{s.total_metadata_blocks}",
+            f"data {s.used_data_blocks}/{s.total_data_blocks}",
+            f"data_block_size {s.data_block_size}",
+            "devices " + " ".join(str(d) for d in self.pool.devices()),
+            "active " + " ".join(str(d) for d in sorted(self.active)),
+        ]
+        return ("\n".join(lines) + "\n").encode()
 
     def _message(self, text: str) -> None:
         """Run one message; a failure becomes the errno of the control file's write."""

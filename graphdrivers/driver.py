@@ -278,8 +278,11 @@ class Driver(abc.ABC):
     def _recover(self) -> None:
         """Roll back every layer a crash left mid-operation (called at start-up, locked)."""
         for record in self.store.unfinished():
-            log.info("rolling back layer %s left %s by an interrupted process", record.id,
-                     record.state.value)
+            log.info(
+                "rolling back layer %s left %s by an interrupted process",
+                record.id,
+                record.state.value,
+            )
             self._remove_layer(record.id)
             self.store.delete(record.id)
         self.store.clear_staging()
@@ -444,13 +447,16 @@ class Driver(abc.ABC):
             elif record.parent != pid:
                 raise InvalidOption(
                     f"apply_diff: layer {lid!r} has parent {record.parent!r}, not {pid!r}",
-                    layer_id=lid, expected=record.parent, got=pid,
+                    layer_id=lid,
+                    expected=record.parent,
+                    got=pid,
                 )
             if self.store.children(lid):
                 raise LayerHasChildren(lid, self.store.children(lid))
             if self._refs.get(lid, 0) > 0:
-                raise LayerBusy(f"apply_diff: layer {lid!r} is mounted; put() it first",
-                                layer_id=lid)
+                raise LayerBusy(
+                    f"apply_diff: layer {lid!r} is mounted; put() it first", layer_id=lid
+                )
 
             self.store.set_state(lid, LayerState.APPLYING)
             try:

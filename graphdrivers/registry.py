@@ -46,8 +46,6 @@ def resolve_factory(spec: str) -> DriverFactory:
     return factory  # type: ignore[no-any-return]
 
 
-def open_driver(
-    spec: str, home: Path | str, options: Mapping[str, str] | None = None
-) -> Driver:
+def open_driver(spec: str, home: Path | str, options: Mapping[str, str] | None = None) -> Driver:
     """Make the driver ``spec`` (a name or ``module:Factory``) bound to ``home``."""
     return resolve_factory(spec)(Path(home), dict(options or {}))

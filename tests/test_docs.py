@@ -35,7 +35,9 @@ def test_mkdocs_builds_strict(tmp_path: Path) -> None:
     assert mkdocs, "mkdocs is not installed in the venv; run ./bootstrap"
     run = subprocess.run(
         [mkdocs, "build", "--strict", "-d", str(tmp_path / "site")],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr
 
@@ -51,16 +53,17 @@ def test_python_blocks_run(page: Path, tmp_path: Path) -> None:
     script = tmp_path / "page.py"
     script.write_text("\n\n".join(blocks(page, "python")))
     run = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert run.returncode == 0, f"{page.name}:\n{run.stdout}\n{run.stderr}"
 
 
 # The README's shell block is the set-up commands, which .ci/run runs: see the last test.
-@pytest.mark.parametrize(
-    "page", [p for p in PAGES[1:] if blocks(p, "sh")], ids=page_id
-)
+@pytest.mark.parametrize("page", [p for p in PAGES[1:] if blocks(p, "sh")], ids=page_id)
 def test_shell_blocks_run(page: Path, tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -68,7 +71,11 @@ def test_shell_blocks_run(page: Path, tmp_path: Path) -> None:
     env["XDG_DATA_HOME"] = str(tmp_path / "data")
     script = "set -euo pipefail\n" + "\n".join(blocks(page, "sh"))
     run = subprocess.run(
-        ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert run.returncode == 0, f"{page.name}:\n{run.stdout}\n{run.stderr}"

@@ -45,27 +45,36 @@ ATIME_NS = time.time_ns() + 86_400 * 10**9 + 987_654_321
 # ----------------------------------------------------------------- the independent manifest
 
 
-def manifest(root: Path) -> dict[str, tuple[Any, ...]]:
-    """Everything a faithful copy must reproduce, per path relative to ``root``."""
+def manifest(root: Path, *, atimes: bool = True) -> dict[str, tuple[Any, ...]]:
+    """Everything a faithful copy must reproduce, per path relative to ``root``.
+
+    Leave out access times (``atimes=False``) for trees whose atimes are not in the future
+    (see :data:`ATIME_NS`): listing a directory may update its atime.
+    """
     entries: dict[str, tuple[Any, ...]] = {}
     inodes: dict[tuple[int, int], list[str]] = {}
-    entries["."] = describe(os.stat(root, follow_symlinks=False), None, os.fspath(root), ".")
+    entries["."] = describe(os.stat(root, follow_symlinks=False), None, os.fspath(root))
     for dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
         rel_dir = os.path.relpath(dirpath, root)
         for name in dirnames + filenames:
             rel = os.path.normpath(os.path.join(rel_dir, name))
             st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-            entries[rel] = describe(st, dirfd, name, rel)
+            entries[rel] = describe(st, dirfd, name)
             if not stat.S_ISDIR(st.st_mode):
                 inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
 
     for names in inodes.values():
         for rel in names:
             entries[rel] += (tuple(sorted(names)),)
+    if not atimes:
+        entries = {rel: e[:ATIME_FIELD] + e[ATIME_FIELD + 1 :] for rel, e in entries.items()}
     return entries
 
 
-def describe(st: os.stat_result, dirfd: int | None, name: str, rel: str) -> tuple[Any, ...]:
+ATIME_FIELD = 8  # index of st_atime_ns in what describe() returns
+
+
+def describe(st: os.stat_result, dirfd: int | None, name: str) -> tuple[Any, ...]:
     path = f"/proc/self/fd/{dirfd}/{name}" if dirfd is not None else name
     names = os.listxattr(path, follow_symlinks=False)
     xattr_items = tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names))

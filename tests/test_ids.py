@@ -17,8 +17,21 @@ def test_valid_ids_are_accepted(good: str) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", ".", "..", "../x", "/", "a/b", ".hidden", "-dash", "_under", "a" * 129, "sp ace",
-     "nul\0", "é"],
+    [
+        "",
+        ".",
+        "..",
+        "../x",
+        "/",
+        "a/b",
+        ".hidden",
+        "-dash",
+        "_under",
+        "a" * 129,
+        "sp ace",
+        "nul\0",
+        "é",
+    ],
 )
 def test_invalid_ids_are_refused_with_the_grammar(bad: str) -> None:
     with pytest.raises(InvalidLayerId, match="letters, digits"):

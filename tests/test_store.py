@@ -45,7 +45,7 @@ def test_record_round_trip_and_states(tmp_path: Path) -> None:
 def test_corrupt_record_names_the_file(tmp_path: Path) -> None:
     store = LayerStore(tmp_path)
     (store.layers_dir / "bad.json").write_text("{not json")
-    with pytest.raises(DriverError, match="bad.json is corrupt"):
+    with pytest.raises(DriverError, match=r"bad\.json is corrupt"):
         store.get(LayerId("bad"))
 
 

@@ -13,6 +13,9 @@ For each driver (all registered ones, or ``--drivers a,b``) in a fresh temporary
    descending into mountpoints (so a mounted layer is not counted twice);
 8. **conformance** (unless ``--no-conformance``): the suite in a subprocess, its counts.
 
+Each row also carries the driver's capabilities that shape the trade-off: how deep a stack
+may be (``max depth``; ``-`` for no limit) and whether its diff is native.
+
 Every layer, mount and home is removed at the end, also on failure or Ctrl-C. A driver module
 may expose ``conformance_home()`` (see :mod:`graphdrivers.cli.conformance`) for where its
 homes must live; compare uses it too.
@@ -88,6 +91,8 @@ class Row:
     missing: str = ""
     hint: str = ""
     layers: int = 0
+    max_depth: int | None = None
+    native_diff: bool | None = None
     apply_s: float | None = None
     create_s: float | None = None
     mount_s: float | None = None
@@ -256,6 +261,8 @@ def _unavailable(row: Row, exc: NotSupported) -> Row:
 
 
 def _run_steps(driver: Driver, stack: Stack, row: Row, progress: Progress) -> None:
+    caps = driver.capabilities()
+    row.max_depth, row.native_diff = caps.max_depth, caps.native_diff
     row.apply_s, ids = _timed(lambda: stack.apply(driver, progress))
     row.layers = len(ids)
     top = ids[-1]
@@ -367,6 +374,7 @@ HEADERS = (
     "diff",
     "diff size",
     "disk",
+    "max depth",
     "conformance",
 )
 
@@ -389,6 +397,7 @@ def table(rows: list[Row]) -> list[str]:
                 _seconds(r.diff_s),
                 _mib(r.diff_bytes),
                 _mib(r.disk_bytes),
+                "-" if r.max_depth is None else str(r.max_depth),
                 _verdict(r.conformance),
             )
         )

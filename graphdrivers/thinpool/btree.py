@@ -218,9 +218,7 @@ def _split(store: NodeStore, node: NodeImage) -> list[tuple[int, int]]:
     return [(node.keys[0], node.blocknr), (right.keys[0], right.blocknr)]
 
 
-def remove(
-    store: NodeStore, root: int, key: int, refs: Refs, value_size: int
-) -> tuple[int, bool]:
+def remove(store: NodeStore, root: int, key: int, refs: Refs, value_size: int) -> tuple[int, bool]:
     """Remove ``key`` (dropping its value's reference); returns (new root, whether found).
 
     Every node but the root keeps at least a third of its capacity, as the kernel's btrees

@@ -68,7 +68,12 @@ class _Walk:
         return out
 
     def _node(
-        self, blocknr: int, what: str, value_size: int, low: int | None, high: int | None,
+        self,
+        blocknr: int,
+        what: str,
+        value_size: int,
+        low: int | None,
+        high: int | None,
         out: list[tuple[int, bytes]],
     ) -> None:
         self.meta[blocknr] += 1
@@ -107,8 +112,12 @@ class _Walk:
 
 
 def _space_map_counts(
-    reader: _Reader, bitmaps: list[IndexEntry], overflow: list[tuple[int, bytes]],
-    nr_blocks: int, problems: list[str], what: str,
+    reader: _Reader,
+    bitmaps: list[IndexEntry],
+    overflow: list[tuple[int, bytes]],
+    nr_blocks: int,
+    problems: list[str],
+    what: str,
 ) -> dict[int, int]:
     counts: dict[int, int] = {}
     for i, entry in enumerate(bitmaps):
@@ -123,14 +132,20 @@ def _space_map_counts(
                 counts[i * ENTRIES_PER_BITMAP + e] = value
     for block, raw in overflow:
         if counts.get(block) != 3:
-            problems.append(f"{what}: overflow count for block {block} but bitmap says "
-                            f"{counts.get(block, 0)}")
+            problems.append(
+                f"{what}: overflow count for block {block} but bitmap says {counts.get(block, 0)}"
+            )
         counts[block] = int.from_bytes(raw, "little")
     return counts
 
 
-def _compare(found: collections.Counter[int], stored: dict[int, int], what: str,
-             problems: list[str], limit: int = 20) -> None:
+def _compare(
+    found: collections.Counter[int],
+    stored: dict[int, int],
+    what: str,
+    problems: list[str],
+    limit: int = 20,
+) -> None:
     bad = [b for b in sorted(set(found) | set(stored)) if found.get(b, 0) != stored.get(b, 0)]
     for b in bad[:limit]:
         problems.append(
@@ -153,8 +168,10 @@ def check_pool(metadata_path: Path | str) -> list[str]:
     walk = _Walk(reader, problems)
     walk.meta[SUPERBLOCK_LOCATION] += 1
 
-    details = {k: DeviceDetails.unpack(v) for k, v in
-               walk.tree(sb.device_details_root, "device details tree", DeviceDetails.SIZE)}
+    details = {
+        k: DeviceDetails.unpack(v)
+        for k, v in walk.tree(sb.device_details_root, "device details tree", DeviceDetails.SIZE)
+    }
     top = walk.tree(sb.data_mapping_root, "mapping tree", 8)
     for dev_id, raw in top:
         mapped = walk.tree(as_u64(raw), f"mapping tree of device {dev_id}", 8)
@@ -168,14 +185,18 @@ def check_pool(metadata_path: Path | str) -> list[str]:
         else:
             count = _count_mappings(walk, reader, as_u64(raw))
             if details[dev_id].mapped_blocks != count:
-                problems.append(f"device {dev_id}: mapped_blocks {details[dev_id].mapped_blocks}"
-                                f" but {count} mappings")
+                problems.append(
+                    f"device {dev_id}: mapped_blocks {details[dev_id].mapped_blocks}"
+                    f" but {count} mappings"
+                )
     missing = set(details) - {k for k, _ in top}
     problems.extend(f"device {d} has details but no mapping tree" for d in sorted(missing))
 
-    meta_bitmaps = unpack_index(reader.block(sb.metadata_sm.bitmap_root),
-                                sb.metadata_sm.bitmap_root,
-                                -(-sb.metadata_sm.nr_blocks // ENTRIES_PER_BITMAP))
+    meta_bitmaps = unpack_index(
+        reader.block(sb.metadata_sm.bitmap_root),
+        sb.metadata_sm.bitmap_root,
+        -(-sb.metadata_sm.nr_blocks // ENTRIES_PER_BITMAP),
+    )
     walk.meta[sb.metadata_sm.bitmap_root] += 1
     for entry in meta_bitmaps:
         walk.meta[entry.blocknr] += 1
@@ -187,18 +208,29 @@ def check_pool(metadata_path: Path | str) -> list[str]:
         walk.meta[entry.blocknr] += 1
     data_overflow = walk.tree(sb.data_sm.ref_count_root, "data overflow tree", 4)
 
-    stored_meta = _space_map_counts(reader, meta_bitmaps, meta_overflow,
-                                    sb.metadata_sm.nr_blocks, problems, "metadata space map")
-    stored_data = _space_map_counts(reader, data_bitmaps, data_overflow,
-                                    sb.data_sm.nr_blocks, problems, "data space map")
+    stored_meta = _space_map_counts(
+        reader,
+        meta_bitmaps,
+        meta_overflow,
+        sb.metadata_sm.nr_blocks,
+        problems,
+        "metadata space map",
+    )
+    stored_data = _space_map_counts(
+        reader, data_bitmaps, data_overflow, sb.data_sm.nr_blocks, problems, "data space map"
+    )
     _compare(walk.meta, stored_meta, "metadata", problems)
     _compare(walk.data, stored_data, "data", problems)
     if sb.metadata_sm.nr_allocated != len(stored_meta):
-        problems.append(f"metadata space map root says {sb.metadata_sm.nr_allocated} blocks "
-                        f"allocated, bitmaps say {len(stored_meta)}")
+        problems.append(
+            f"metadata space map root says {sb.metadata_sm.nr_allocated} blocks "
+            f"allocated, bitmaps say {len(stored_meta)}"
+        )
     if sb.data_sm.nr_allocated != len(stored_data):
-        problems.append(f"data space map root says {sb.data_sm.nr_allocated} blocks "
-                        f"allocated, bitmaps say {len(stored_data)}")
+        problems.append(
+            f"data space map root says {sb.data_sm.nr_allocated} blocks "
+            f"allocated, bitmaps say {len(stored_data)}"
+        )
     return problems
 
 

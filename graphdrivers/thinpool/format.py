@@ -146,19 +146,54 @@ class Superblock:
     def pack(self) -> bytearray:
         block = bytearray(BLOCK_SIZE)
         _SUPERBLOCK.pack_into(
-            block, 0, 0, self.flags, SUPERBLOCK_LOCATION, self.uuid, SUPERBLOCK_MAGIC,
-            self.version, self.time, self.trans_id, self.held_root, self.data_sm.pack(),
-            self.metadata_sm.pack(), self.data_mapping_root, self.device_details_root,
-            self.data_block_size, METADATA_BLOCK_SECTORS, self.metadata_nr_blocks, 0, 0, 0,
+            block,
+            0,
+            0,
+            self.flags,
+            SUPERBLOCK_LOCATION,
+            self.uuid,
+            SUPERBLOCK_MAGIC,
+            self.version,
+            self.time,
+            self.trans_id,
+            self.held_root,
+            self.data_sm.pack(),
+            self.metadata_sm.pack(),
+            self.data_mapping_root,
+            self.device_details_root,
+            self.data_block_size,
+            METADATA_BLOCK_SECTORS,
+            self.metadata_nr_blocks,
+            0,
+            0,
+            0,
         )
         return seal(block, SUPERBLOCK_CSUM_XOR)
 
     @classmethod
     def unpack(cls, block: bytes) -> Superblock:
         verify(block, SUPERBLOCK_LOCATION, SUPERBLOCK_CSUM_XOR, "superblock")
-        (_csum, flags, _loc, uuid, magic, version, time, trans_id, held_root, data_sm,
-         metadata_sm, mapping_root, details_root, data_block_size, meta_block_size,
-         meta_nr_blocks, _compat, compat_ro, incompat) = _SUPERBLOCK.unpack_from(block, 0)
+        (
+            _csum,
+            flags,
+            _loc,
+            uuid,
+            magic,
+            version,
+            time,
+            trans_id,
+            held_root,
+            data_sm,
+            metadata_sm,
+            mapping_root,
+            details_root,
+            data_block_size,
+            meta_block_size,
+            meta_nr_blocks,
+            _compat,
+            compat_ro,
+            incompat,
+        ) = _SUPERBLOCK.unpack_from(block, 0)
         if magic != SUPERBLOCK_MAGIC:
             raise MetadataCorrupt(f"superblock magic is {magic}, not {SUPERBLOCK_MAGIC}")
         if meta_block_size != METADATA_BLOCK_SECTORS:
@@ -166,11 +201,18 @@ class Superblock:
         if compat_ro or incompat:
             raise MetadataCorrupt("superblock sets feature flags this engine does not know")
         return cls(
-            time=time, trans_id=trans_id, held_root=held_root,
-            data_sm=SpaceMapRoot.unpack(data_sm), metadata_sm=SpaceMapRoot.unpack(metadata_sm),
-            data_mapping_root=mapping_root, device_details_root=details_root,
-            data_block_size=data_block_size, metadata_nr_blocks=meta_nr_blocks, flags=flags,
-            version=version, uuid=uuid,
+            time=time,
+            trans_id=trans_id,
+            held_root=held_root,
+            data_sm=SpaceMapRoot.unpack(data_sm),
+            metadata_sm=SpaceMapRoot.unpack(metadata_sm),
+            data_mapping_root=mapping_root,
+            device_details_root=details_root,
+            data_block_size=data_block_size,
+            metadata_nr_blocks=meta_nr_blocks,
+            flags=flags,
+            version=version,
+            uuid=uuid,
         )
 
 
@@ -243,8 +285,15 @@ class NodeImage:
             raise ValueError(f"btree node {self.blocknr} holds {n} entries, max {cap}")
         block = bytearray(BLOCK_SIZE)
         _NODE_HEADER.pack_into(
-            block, 0, 0, LEAF_NODE if self.leaf else INTERNAL_NODE, self.blocknr, n, cap,
-            self.value_size, 0,
+            block,
+            0,
+            0,
+            LEAF_NODE if self.leaf else INTERNAL_NODE,
+            self.blocknr,
+            n,
+            cap,
+            self.value_size,
+            0,
         )
         struct.pack_into(f"<{n}Q", block, NODE_HEADER_SIZE, *self.keys)
         values_at = NODE_HEADER_SIZE + 8 * cap

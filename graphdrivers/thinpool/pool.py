@@ -142,8 +142,12 @@ class ThinPool:
         pool.sb.data_mapping_root = btree.empty_tree(pool._store, MAPPING_VALUE_SIZE)
         pool.sb.device_details_root = btree.empty_tree(pool._store, DeviceDetails.SIZE)
         pool.commit()
-        log.debug("formatted pool: %d metadata blocks, %d data blocks of %d sectors",
-                  nr_meta, nr_data_blocks, data_block_size)
+        log.debug(
+            "formatted pool: %d metadata blocks, %d data blocks of %d sectors",
+            nr_meta,
+            nr_data_blocks,
+            data_block_size,
+        )
         return pool
 
     @classmethod
@@ -168,23 +172,27 @@ class ThinPool:
 
         meta_root = self.sb.metadata_sm
         entries = unpack_index(
-            self._read_block(meta_root.bitmap_root), meta_root.bitmap_root,
+            self._read_block(meta_root.bitmap_root),
+            meta_root.bitmap_root,
             self._metadata_sm.nr_bitmaps(),
         )
-        self._meta_layout = _SpaceMapLayout(entries, meta_root.bitmap_root,
-                                            meta_root.ref_count_root)
+        self._meta_layout = _SpaceMapLayout(
+            entries, meta_root.bitmap_root, meta_root.ref_count_root
+        )
         self._load_counts(self._metadata_sm, entries, meta_root.ref_count_root)
 
         data_root = self.sb.data_sm
-        entries = [IndexEntry.unpack(v) for _, v in btree.items(self._store,
-                                                                 data_root.bitmap_root)]
+        entries = [
+            IndexEntry.unpack(v) for _, v in btree.items(self._store, data_root.bitmap_root)
+        ]
         if len(entries) != self._data_sm.nr_bitmaps():
             raise MetadataCorrupt(
                 f"data space map index lists {len(entries)} bitmaps, "
                 f"expected {self._data_sm.nr_bitmaps()}"
             )
-        self._data_layout = _SpaceMapLayout(entries, data_root.bitmap_root,
-                                            data_root.ref_count_root)
+        self._data_layout = _SpaceMapLayout(
+            entries, data_root.bitmap_root, data_root.ref_count_root
+        )
         self._load_counts(self._data_sm, entries, data_root.ref_count_root)
 
         self._details = {
@@ -241,8 +249,11 @@ class ThinPool:
         with self._lock:
             for dev_id in sorted(self._dirty_details):
                 self.sb.device_details_root = btree.insert(
-                    self._store, self.sb.device_details_root, dev_id,
-                    self._details[dev_id].pack(), Refs.NONE,
+                    self._store,
+                    self.sb.device_details_root,
+                    dev_id,
+                    self._details[dev_id].pack(),
+                    Refs.NONE,
                 )
             self._dirty_details.clear()
 
@@ -277,8 +288,7 @@ class ThinPool:
 
     @staticmethod
     def _sm_root(sm: SpaceMap, layout: _SpaceMapLayout) -> SpaceMapRoot:
-        return SpaceMapRoot(sm.nr_blocks, sm.nr_allocated, layout.index_root,
-                            layout.overflow_root)
+        return SpaceMapRoot(sm.nr_blocks, sm.nr_allocated, layout.index_root, layout.overflow_root)
 
     def _release_tree(self, root: int) -> None:
         """Free a space map's own tree (its leaves point at nothing we count)."""
@@ -318,7 +328,8 @@ class ThinPool:
             self._store, [(i, e.pack()) for i, e in enumerate(layout.bitmaps)], INDEX_VALUE_SIZE
         )
         layout.overflow_root = btree.build(
-            self._store, [(b, c.to_bytes(4, "little")) for b, c in sm.overflow()],
+            self._store,
+            [(b, c.to_bytes(4, "little")) for b, c in sm.overflow()],
             OVERFLOW_VALUE_SIZE,
         )
         return todo
@@ -330,7 +341,8 @@ class ThinPool:
         self._release_tree(layout.overflow_root)
         layout.index_root = sm.alloc()
         layout.overflow_root = btree.build(
-            self._store, [(b, c.to_bytes(4, "little")) for b, c in sm.overflow()],
+            self._store,
+            [(b, c.to_bytes(4, "little")) for b, c in sm.overflow()],
             OVERFLOW_VALUE_SIZE,
         )
 
@@ -358,8 +370,9 @@ class ThinPool:
             self.sb.data_mapping_root = btree.insert(
                 self._store, self.sb.data_mapping_root, dev_id, u64(root), Refs.METADATA
             )
-            self._set_details(dev_id, DeviceDetails(0, self.sb.trans_id, self.sb.time,
-                                                    self.sb.time))
+            self._set_details(
+                dev_id, DeviceDetails(0, self.sb.trans_id, self.sb.time, self.sb.time)
+            )
             self.commit()
 
     def create_snap(self, dev_id: int, origin_id: int) -> None:
@@ -374,10 +387,13 @@ class ThinPool:
 
             self.sb.time += 1
             origin = self._details[origin_id]
-            self._set_details(origin_id, dataclasses.replace(origin,
-                                                             snapshotted_time=self.sb.time))
-            self._set_details(dev_id, DeviceDetails(origin.mapped_blocks, self.sb.trans_id,
-                                                    self.sb.time, self.sb.time))
+            self._set_details(
+                origin_id, dataclasses.replace(origin, snapshotted_time=self.sb.time)
+            )
+            self._set_details(
+                dev_id,
+                DeviceDetails(origin.mapped_blocks, self.sb.trans_id, self.sb.time, self.sb.time),
+            )
             self.commit()
 
     def delete(self, dev_id: int) -> None:
@@ -385,11 +401,17 @@ class ThinPool:
         with self._lock:
             self._device_root(dev_id)
             self.sb.data_mapping_root, _ = btree.remove(
-                self._store, self.sb.data_mapping_root, dev_id, Refs.METADATA,
+                self._store,
+                self.sb.data_mapping_root,
+                dev_id,
+                Refs.METADATA,
                 MAPPING_VALUE_SIZE,
             )
             self.sb.device_details_root, _ = btree.remove(
-                self._store, self.sb.device_details_root, dev_id, Refs.NONE,
+                self._store,
+                self.sb.device_details_root,
+                dev_id,
+                Refs.NONE,
                 DeviceDetails.SIZE,
             )
             del self._details[dev_id]
@@ -465,7 +487,11 @@ class ThinPool:
         )
         if new_root != root:
             self.sb.data_mapping_root = btree.insert(
-                self._store, self.sb.data_mapping_root, dev_id, u64(new_root), Refs.METADATA,
+                self._store,
+                self.sb.data_mapping_root,
+                dev_id,
+                u64(new_root),
+                Refs.METADATA,
                 release_old=False,
             )
 
@@ -503,8 +529,9 @@ class ThinPool:
             os.pwrite(self._data_fd, block, new_block * size)
             self._map(dev_id, vblock, new_block)
             if mapping is None:
-                self._set_details(dev_id, dataclasses.replace(
-                    details, mapped_blocks=details.mapped_blocks + 1))
+                self._set_details(
+                    dev_id, dataclasses.replace(details, mapped_blocks=details.mapped_blocks + 1)
+                )
 
 
 class ThinDevice:

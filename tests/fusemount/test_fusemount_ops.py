@@ -408,3 +408,40 @@ async def test_lowers_only_is_read_only(layers: dict[str, Path]) -> None:
             await attempt
         assert exc.value.errno == errno.EROFS
     h.close()
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+async def test_deep_stack_uses_the_lower_index(tmp_path: Path, fmt: wh.WhiteoutFormat) -> None:
+    """Twenty lowers: lookups and listings come from the lower index and agree with the rules
+    (top wins, whiteouts of both formats, a file over a directory, opaque directories)."""
+    lowers = [tmp_path / f"l{i:02d}" for i in range(20)]  # l00 is the top
+    for i, layer in enumerate(lowers):
+        (layer / "d").mkdir(parents=True)
+        (layer / f"f{i}").write_bytes(b"%d" % i)
+        (layer / "same").write_bytes(b"%d" % i)
+        (layer / "d" / f"g{i}").write_bytes(b"g")
+    os.mknod(lowers[3] / "f10", stat.S_IFCHR, 0)
+    (lowers[4] / ".wh.f11").touch()
+    (lowers[5] / "d" / ".wh..wh..opq").touch()
+    (lowers[2] / "f12").mkdir()
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    h = Harness(lowers, upper, work, fmt)
+    expected = {f"f{i}" for i in range(20)} - {"f10", "f11"} | {"same", "d"}
+    assert set(await h.listdir("")) == expected
+    assert sorted(await h.listdir("d")) == sorted(f"g{i}" for i in range(6))
+    assert await h.read("same") == b"0"
+    assert await h.read("f19") == b"19"
+    assert (await h.lookup("f12")).st_mode & stat.S_IFDIR
+    with pytest.raises(pyfuse3.FUSEError):
+        await h.lookup("f10")
+    assert h.ops.tree._indexes, "the index was not used"
+    await h.unlink("f19")
+    await h.create("f10", b"new")
+    assert set(await h.listdir("")) == expected - {"f19"} | {"f10"}
+    await h.mkdir("d/sub")
+    assert "sub" in await h.listdir("d")
+    await check_upper(h)
+    h.close()

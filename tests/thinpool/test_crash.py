@@ -77,7 +77,8 @@ def test_kill_during_writes_snapshots_and_deletes(tmp_path: Path) -> None:
     for _round in range(6):
         worker = subprocess.Popen(
             [sys.executable, "-c", WORKER, str(meta), str(data), str(step + 1)],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert worker.stdout is not None
         stop_after = rng.randrange(5, 40)

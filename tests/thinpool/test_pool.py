@@ -41,8 +41,9 @@ def pool_files(tmp_path: Path) -> tuple[Path, Path]:
 
 def dump_mappings(meta: Path) -> dict[int, dict[int, int]]:
     """Device id -> {virtual block: data block}, as thin_dump reads the metadata."""
-    xml = subprocess.run(["thin_dump", str(meta)], check=True, capture_output=True,
-                         text=True).stdout
+    xml = subprocess.run(
+        ["thin_dump", str(meta)], check=True, capture_output=True, text=True
+    ).stdout
     devices: dict[int, dict[int, int]] = {}
     current: dict[int, int] = {}
     for line in xml.splitlines():
@@ -59,8 +60,7 @@ def dump_mappings(meta: Path) -> dict[int, dict[int, int]]:
 def assert_clean(pool: ThinPool) -> None:
     """After a commit, thin_check and our checker pass and thin_dump sees our mappings."""
     pool.commit()
-    run = subprocess.run(["thin_check", str(pool.metadata_path)], capture_output=True,
-                         text=True)
+    run = subprocess.run(["thin_check", str(pool.metadata_path)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert check_pool(pool.metadata_path) == []
     ours = {d: {v: b for v, b, _t in pool.mappings(d)} for d in pool.devices()}
@@ -157,13 +157,25 @@ def test_snapshot_shares_blocks_until_written(pool_files: tuple[Path, Path]) -> 
     assert pool.device(0).pread(2, 2 * BLOCK) == b"aa"
     assert pool.device(1).pread(2, 2 * BLOCK) == b"ba"
 
-    ls = subprocess.run(["thin_ls", "--no-headers", "-o", "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,"
-                         "SHARED_BLOCKS", str(pool.metadata_path)], check=True,
-                        capture_output=True, text=True).stdout.split()
+    ls = subprocess.run(
+        [
+            "thin_ls",
+            "--no-headers",
+            "-o",
+            "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS",
+            str(pool.metadata_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert ls == ["0", "4", "1", "3", "1", "4", "1", "3"]
-    delta = subprocess.run(["thin_delta", "--snap1", "0", "--snap2", "1",
-                            str(pool.metadata_path)], check=True, capture_output=True,
-                           text=True).stdout
+    delta = subprocess.run(
+        ["thin_delta", "--snap1", "0", "--snap2", "1", str(pool.metadata_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert '<different begin="2" length="1"/>' in delta
     assert_clean(pool)
     pool.close()
@@ -243,7 +255,6 @@ def test_corrupt_copies_are_caught_by_both_checkers(
     assert any("referenced" in p and "space map says" in p for p in problems), problems
     with pytest.raises(MetadataCorrupt):
         ThinPool.open(tmp_path / "bad-superblock", pool_files[1])
-
 
 
 def test_many_devices_split_and_rebalance_the_trees(pool_files: tuple[Path, Path]) -> None:

@@ -1,0 +1,140 @@
+"""vfs create of a child layer against ``cp -a`` of the same tree, on the same filesystem.
+
+Run on demand, as root: ``python benchmarks/bench_vfs.py [--rounds N] [--dir DIR]``.
+
+The tree is rootfs-like: the first layer of ``/work/shared/images/debian-minbase`` unpacked with
+``tar`` (about 6,700 entries, 167 MB) when that image is there, plus a generated tree of small and
+medium files (deterministic sizes and contents) that brings it to about 30,000 files and 300 MiB.
+It is put into a base layer of a :class:`~graphdrivers.drivers.vfs.VfsDriver`; then each round
+times, in alternating order, ``create(child, base)`` and ``cp -a`` of the base layer's directory
+to a sibling directory. Before each timed step the page cache's dirty data is written out
+(``sync``) so that one step's writeback is not charged to the next. It prints the median of each,
+their ratio (the target is <= 1.0) and the peak RSS of this process. Copies are kept until the
+end: ext4 makes inode allocation slower for a while after many deletes (it skips recently freed
+inodes), which would charge one round's clean-up to the next round's copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from graphdrivers.drivers.vfs import VfsDriver
+from graphdrivers.fsutil.fstype import filesystem_type
+
+IMAGE = Path("/work/shared/images/debian-minbase")
+TARGET_FILES = 30_000
+TARGET_BYTES = 300 << 20
+
+
+def first_layer_blob(image: Path) -> Path | None:
+    """The blob of the first layer of the image's first manifest, if the image is there."""
+    try:
+        index = json.loads((image / "index.json").read_text())
+        digest = index["manifests"][0]["digest"]
+        manifest = json.loads((image / "blobs" / digest.replace(":", "/")).read_text())
+        layer = manifest["layers"][0]["digest"]
+    except (OSError, KeyError, IndexError, ValueError):
+        return None
+    return image / "blobs" / layer.replace(":", "/")
+
+
+def generate(root: Path, files: int, total: int) -> None:
+    """Add ``files`` files of about ``total`` bytes in all under ``root/gen``, 100 per dir."""
+    rng = random.Random(20261204)
+    block = rng.randbytes(1 << 20)
+    mean = max(1, total // max(files, 1))
+    for i in range(files):
+        d = root / "gen" / f"d{i // 2000:02d}" / f"s{(i // 100) % 20:02d}"
+        if i % 100 == 0:
+            d.mkdir(parents=True, exist_ok=True)
+        size = min(len(block), int(rng.expovariate(1 / mean)))
+        start = rng.randrange(len(block) - size + 1)
+        (d / f"f{i:05d}.dat").write_bytes(block[start : start + size])
+
+
+def build_tree(root: Path) -> None:
+    blob = first_layer_blob(IMAGE)
+    if blob is not None and blob.exists():
+        subprocess.run(["tar", "-xzf", str(blob), "-C", str(root), "--numeric-owner"], check=True)
+    have_files = sum(len(f) for _, _, f in os.walk(root))
+    have_bytes = int(
+        subprocess.run(
+            ["du", "-sb", str(root)], check=True, capture_output=True, text=True
+        ).stdout.split()[0]
+    )
+    generate(root, max(0, TARGET_FILES - have_files), max(0, TARGET_BYTES - have_bytes))
+
+
+def timed(step: object) -> float:
+    os.sync()
+    start = time.perf_counter()
+    step()  # type: ignore[operator]
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dir", default="/var/tmp", help="where to make the scratch home")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-vfs-", dir=args.dir))
+    try:
+        driver = VfsDriver(work / "home")
+        driver.create("base")
+        with driver.mounted("base") as base:
+            build_tree(base)
+        files = sum(len(f) + len(d) for _, d, f in os.walk(driver.layer_path("base")))
+        size = subprocess.run(
+            ["du", "-sh", str(driver.layer_path("base"))],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()[0]
+        print(
+            f"tree: {files} entries, {size}; filesystem {filesystem_type(work)}; "
+            f"copy method {driver.copy_method}; {os.cpu_count()} cpus"
+        )
+
+        vfs_times, cp_times = [], []
+        for i in range(args.rounds):
+            copy = work / f"cp-copy{i}"
+
+            def vfs_step(i: int = i) -> None:
+                driver.create(f"child{i}", "base")
+
+            def cp_step(copy: Path = copy) -> None:
+                subprocess.run(["cp", "-a", str(driver.layer_path("base")), str(copy)], check=True)
+
+            steps = [("vfs", vfs_step), ("cp", cp_step)]
+            if i % 2:
+                steps.reverse()
+            for label, step in steps:
+                (vfs_times if label == "vfs" else cp_times).append(timed(step))
+            print(f"round {i + 1}: vfs create {vfs_times[-1]:.3f} s, cp -a {cp_times[-1]:.3f} s")
+
+        vfs_med, cp_med = statistics.median(vfs_times), statistics.median(cp_times)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(
+            f"median: vfs create {vfs_med:.3f} s, cp -a {cp_med:.3f} s, "
+            f"ratio {vfs_med / cp_med:.2f}x (target <= 1.0x); peak RSS {peak:.0f} MiB"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

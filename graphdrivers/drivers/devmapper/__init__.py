@@ -1,0 +1,1 @@
+"""The devicemapper driver: layers as thin devices of a thin pool (kernel or userspace)."""

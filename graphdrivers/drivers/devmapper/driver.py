@@ -1,0 +1,505 @@
+"""The devicemapper driver: every layer is a thin device, a block-level snapshot of its parent.
+
+All layers share one thin pool. A *base* device gets an ext4 filesystem once; a layer without
+a parent is a snapshot of the base, and a child is a snapshot of its parent's device, made in
+O(1) whatever the parent holds: blocks are shared until one side writes them. ``get`` activates
+the layer's device and mounts its filesystem; the layer's tree is the ``rootfs`` directory in it,
+so the filesystem's own ``lost+found`` stays out of the layer.
+
+Two pool backends sit behind the driver (option ``dm.backend``): ``kernel`` sends the pool
+messages to the kernel's dm-thin through dmsetup (:mod:`.kernel`); ``userspace`` runs the pool
+in Python in dm-thin's own format and gives the kernel its devices through FUSE and loop devices
+(:mod:`.userspace`). ``auto`` (the default) takes the kernel where it has the thin-pool target.
+
+On-disk layout (the store's part is drawn in :mod:`graphdrivers.store`)::
+
+    HOME/
+    ├── devicemapper/               POOL_DIR
+    │   ├── data, metadata          the pool (sparse files unless dm.datadev/dm.metadatadev)
+    │   ├── mnt/thin-<dev id>       userspace backend: the daemon's device files
+    │   └── pool.lock, daemon.pid, daemon.log
+    ├── metadata/                   DEVICES_DIR
+    │   ├── base                    DeviceRecord of the base device
+    │   ├── <id>.device             DeviceRecord: device_id, size, transaction_id, initialized
+    │   ├── deviceset-metadata      next_device_id, base filesystem
+    │   └── transaction-metadata    open_transaction_id, device_id: the pool message under way
+    └── mnt/<id>/                   MOUNTS_DIR: the mounted filesystem; the layer is rootfs/
+
+Crash safety follows moby's devicemapper: before a pool message the driver records an open
+transaction (the pool's transaction id + 1 and the device id), then sends the message, writes
+the device record, and closes the transaction with ``set_transaction_id``. A driver opened after
+a crash finds the transaction still open and rolls it back: the half-made device is deleted from
+the pool. The store's layer records then remove the layer itself.
+
+Limitations:
+
+- A parent that is mounted while a child is created is frozen (FIFREEZE) around the snapshot, so
+  the child gets a consistent filesystem; writes to the parent wait meanwhile.
+- The userspace backend serves every block through Python and FUSE: fine for tests and learning,
+  slow for real images (see docs/devicemapper.md for the figures).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from graphdrivers.driver import Capabilities, Driver
+from graphdrivers.errors import (
+    DriverError,
+    InvalidOption,
+    MountError,
+    NotSupported,
+    QuotaExceeded,
+)
+from graphdrivers.fsutil.fstype import mounts_under
+from graphdrivers.fsutil.remove import remove_tree
+from graphdrivers.ids import LayerId
+from graphdrivers.store import LayerRecord, atomic_write, make_private_dir
+from graphdrivers.thinpool.errors import DeviceNotFound, ThinPoolError
+
+log = logging.getLogger(__name__)
+
+POOL_DIR = "devicemapper"
+DATA_FILE = "data"
+METADATA_FILE = "metadata"
+DEVICES_DIR = "metadata"
+MOUNTS_DIR = "mnt"
+ROOTFS_DIR = "rootfs"
+BASE_RECORD = "base"
+DEVICESET_FILE = "deviceset-metadata"
+TRANSACTION_FILE = "transaction-metadata"
+BASE_DEVICE_ID = 0
+DEVICE_SUFFIX = ".device"
+
+DEFAULT_BASE_SIZE = 10 * 1024**3
+DEFAULT_DATA_SIZE = 100 * 1024**3
+DEFAULT_METADATA_SIZE = 2 * 1024**3
+DEFAULT_BLOCK_SECTORS = 128
+FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
+
+_SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str, what: str) -> int:
+    """``"10G"`` -> bytes; InvalidOption naming ``what`` otherwise."""
+    value = text.strip().lower().removesuffix("b").removesuffix("i")
+    number, suffix = (value[:-1], value[-1]) if value and value[-1] in "kmgt" else (value, "")
+    try:
+        size = int(float(number) * _SIZE_SUFFIXES[suffix])
+    except ValueError as exc:
+        raise InvalidOption(f"{what}={text!r} is not a size (like 512M or 10G)") from exc
+    if size <= 0:
+        raise InvalidOption(f"{what}={text!r} must be positive")
+    return size
+
+
+class PoolBackend(Protocol):
+    """What the driver needs of a thin pool, whoever runs it."""
+
+    name: str
+
+    def message(self, text: str) -> None: ...
+    def transaction_id(self) -> int: ...
+    def devices(self) -> set[int]: ...
+    def activate(self, dev_id: int, size: int) -> Path: ...
+    def deactivate(self, dev_id: int) -> None: ...
+    def status(self) -> dict[str, str]: ...
+    def shutdown(self) -> None: ...
+
+
+@dataclasses.dataclass
+class DeviceRecord:
+    """What the driver records of a layer's thin device (``HOME/metadata/<id>``)."""
+
+    device_id: int
+    size: int
+    transaction_id: int
+    initialized: bool = True
+
+
+class DevmapperDriver(Driver):
+    """Layers as thin devices in one pool (see the module docstring)."""
+
+    name = "devicemapper"
+    known_options: ClassVar[frozenset[str]] = frozenset(
+        {
+            "dm.backend",
+            "dm.basesize",
+            "dm.loopdatasize",
+            "dm.loopmetadatasize",
+            "dm.datadev",
+            "dm.metadatadev",
+            "dm.blocksize",
+            "dm.mkfsarg",
+        }
+    )
+    known_storage_opts = frozenset({"size"})
+
+    # ----------------------------------------------------------------- set-up
+
+    def _check_host(self) -> None:
+        if os.geteuid() != 0:
+            raise NotSupported(
+                "privilege root (losetup, mount and mkfs need it)",
+                hint="run as root",
+                driver=self.name,
+            )
+        for tool in ("losetup", "mount", "umount", "mkfs.ext4", "resize2fs"):
+            if shutil.which(tool) is None:
+                raise NotSupported(
+                    f"tool {tool}", hint="apt-get install util-linux e2fsprogs", driver=self.name
+                )
+        backend = self.options.get("dm.backend", "auto")
+        if backend not in ("auto", "kernel", "userspace"):
+            raise InvalidOption(f"dm.backend={backend!r}: use auto, kernel or userspace")
+        if backend == "kernel":
+            from graphdrivers.drivers.devmapper.kernel import check_kernel_thin_pool
+
+            check_kernel_thin_pool()
+        elif backend == "userspace":
+            self._check_userspace()
+
+    def _check_userspace(self) -> None:
+        if not Path("/dev/fuse").exists():
+            raise NotSupported(
+                "kernel filesystem fuse (/dev/fuse)", hint="modprobe fuse", driver=self.name
+            )
+        if shutil.which("fusermount3") is None:
+            raise NotSupported("tool fusermount3", hint="apt-get install fuse3", driver=self.name)
+        if not Path("/dev/loop-control").exists():
+            raise NotSupported(
+                "kernel loop devices (/dev/loop-control)", hint="modprobe loop", driver=self.name
+            )
+
+    def _init_home(self) -> None:
+        self.pool_dir = self.home / POOL_DIR
+        self.devices_dir = self.home / DEVICES_DIR
+        self.mounts_dir = self.home / MOUNTS_DIR
+        for path in (self.pool_dir, self.devices_dir, self.mounts_dir):
+            make_private_dir(path)
+        self.base_size = parse_size(
+            self.options.get("dm.basesize", str(DEFAULT_BASE_SIZE)), "dm.basesize"
+        )
+        self.backend = self._make_backend()
+        self._frozen: set[LayerId] = set()
+        self._roll_back_open_transaction()
+        self._init_base_device()
+
+    def _make_backend(self) -> PoolBackend:
+        opts = self.options
+        block = int(opts.get("dm.blocksize", "64K").lower().rstrip("kib") or 64) * 2
+        data = Path(opts["dm.datadev"]) if "dm.datadev" in opts else self.pool_dir / DATA_FILE
+        meta = (
+            Path(opts["dm.metadatadev"])
+            if "dm.metadatadev" in opts
+            else self.pool_dir / METADATA_FILE
+        )
+        sizes: dict[str, Any] = {
+            "data_size": parse_size(
+                opts.get("dm.loopdatasize", str(DEFAULT_DATA_SIZE)), "dm.loopdatasize"
+            ),
+            "metadata_size": parse_size(
+                opts.get("dm.loopmetadatasize", str(DEFAULT_METADATA_SIZE)), "dm.loopmetadatasize"
+            ),
+            "block_sectors": block,
+        }
+        choice = opts.get("dm.backend", "auto")
+        if choice in ("auto", "kernel"):
+            from graphdrivers.drivers.devmapper.kernel import KernelBackend
+
+            try:
+                return KernelBackend(self.pool_dir, meta, data, **sizes)
+            except NotSupported:
+                if choice == "kernel":
+                    raise
+                log.debug("no kernel dm-thin here: using the userspace pool")
+                self._check_userspace()
+        from graphdrivers.drivers.devmapper.userspace import UserspaceBackend
+
+        return UserspaceBackend(self.pool_dir, meta, data, **sizes)
+
+    # ----------------------------------------------------------------- device records
+
+    def _record_path(self, name: str, *, internal: bool = False) -> Path:
+        """A layer's record is ``<id>.device``; the driver's own files have no suffix."""
+        return self.devices_dir / (name if internal else f"{name}{DEVICE_SUFFIX}")
+
+    def _device(self, name: str, *, internal: bool = False) -> DeviceRecord | None:
+        try:
+            text = self._record_path(name, internal=internal).read_text()
+        except FileNotFoundError:
+            return None
+        return DeviceRecord(**json.loads(text))
+
+    def _save_device(self, name: str, record: DeviceRecord, *, internal: bool = False) -> None:
+        atomic_write(
+            self._record_path(name, internal=internal),
+            json.dumps(dataclasses.asdict(record)).encode(),
+        )
+
+    def _deviceset(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(
+                self._record_path(DEVICESET_FILE, internal=True).read_text()
+            )
+        except FileNotFoundError:
+            data = {"next_device_id": BASE_DEVICE_ID + 1, "base_fs": "ext4"}
+        return data
+
+    def _allocate_device_id(self) -> int:
+        deviceset = self._deviceset()
+        dev_id = int(deviceset["next_device_id"])
+        deviceset["next_device_id"] = dev_id + 1
+        atomic_write(
+            self._record_path(DEVICESET_FILE, internal=True), json.dumps(deviceset).encode()
+        )
+        return dev_id
+
+    @contextlib.contextmanager
+    def _transaction(self, dev_id: int, name: str) -> Iterator[int]:
+        """Open a pool transaction around a message; closed only if the body completes."""
+        current = self.backend.transaction_id()
+        record = {
+            "open_transaction_id": current + 1,
+            "device_id": dev_id,
+            "name": name,
+            "internal": name == BASE_RECORD and dev_id == BASE_DEVICE_ID,
+        }
+        atomic_write(
+            self._record_path(TRANSACTION_FILE, internal=True), json.dumps(record).encode()
+        )
+        yield current + 1
+        self.backend.message(f"set_transaction_id {current} {current + 1}")
+
+    def _roll_back_open_transaction(self) -> None:
+        try:
+            record = json.loads(self._record_path(TRANSACTION_FILE, internal=True).read_text())
+        except FileNotFoundError:
+            return
+        current = self.backend.transaction_id()
+        if record["open_transaction_id"] <= current:
+            return
+
+        dev_id, name = int(record["device_id"]), str(record["name"])
+        internal = bool(record.get("internal"))
+        log.info(
+            "rolling back pool transaction %d (device %d of %s)",
+            record["open_transaction_id"],
+            dev_id,
+            name,
+        )
+        saved = self._device(name, internal=internal)
+        if saved is not None and saved.device_id == dev_id:
+            self._record_path(name, internal=internal).unlink()
+        with contextlib.suppress(DeviceNotFound):
+            self.backend.message(f"delete {dev_id}")
+        self.backend.message(f"set_transaction_id {current} {record['open_transaction_id']}")
+
+    def _init_base_device(self) -> None:
+        base = self._device(BASE_RECORD, internal=True)
+        if base is not None and base.initialized:
+            return
+        if base is not None:  # a crash while making the filesystem: start again
+            with contextlib.suppress(DeviceNotFound):
+                self.backend.message(f"delete {base.device_id}")
+
+        with self._transaction(BASE_DEVICE_ID, BASE_RECORD) as tid:
+            self.backend.message(f"create_thin {BASE_DEVICE_ID}")
+            self._save_device(
+                BASE_RECORD,
+                DeviceRecord(BASE_DEVICE_ID, self.base_size, tid, initialized=False),
+                internal=True,
+            )
+        self._make_base_filesystem()
+        self._save_device(
+            BASE_RECORD,
+            DeviceRecord(BASE_DEVICE_ID, self.base_size, self.backend.transaction_id()),
+            internal=True,
+        )
+
+    def _make_base_filesystem(self) -> None:
+        device = self.backend.activate(BASE_DEVICE_ID, self.base_size)
+        target = self.mounts_dir / f".{BASE_RECORD}"  # no layer id starts with a dot
+        try:
+            args = [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+                *self.options.get("dm.mkfsarg", "").split(),
+                str(device),
+            ]
+            _run(args, "making the base filesystem")
+            target.mkdir(exist_ok=True)
+            _run(["mount", "-t", "ext4", str(device), str(target)], "mounting the base device")
+            try:
+                rootfs = target / ROOTFS_DIR
+                rootfs.mkdir(mode=0o755)
+                os.chown(rootfs, 0, 0)
+                os.chmod(rootfs, 0o755)
+            finally:
+                _run(["umount", str(target)], "unmounting the base device")
+        finally:
+            self.backend.deactivate(BASE_DEVICE_ID)
+            with contextlib.suppress(OSError):
+                target.rmdir()
+        log.info("made the ext4 base device (%d bytes)", self.base_size)
+
+    # ----------------------------------------------------------------- storage hooks
+
+    def _create_layer(self, record: LayerRecord) -> None:
+        if record.parent is None:
+            origin = self._device(BASE_RECORD, internal=True)
+        else:
+            origin = self._device(record.parent)
+        if origin is None:
+            raise DriverError(
+                f"no device record for the parent of {record.id!r}", layer_id=record.id
+            )
+        size = origin.size
+        if "size" in record.storage_opt:
+            size = parse_size(record.storage_opt["size"], "size")
+            if size < origin.size:
+                raise InvalidOption(
+                    f"size={record.storage_opt['size']} is smaller than the parent's device "
+                    f"({origin.size} bytes); devicemapper layers can only grow",
+                    layer_id=record.id,
+                )
+
+        dev_id = self._allocate_device_id()
+        with self._frozen_parent(record.parent), self._transaction(dev_id, record.id) as tid:
+            self.backend.message(f"create_snap {dev_id} {origin.device_id}")
+            self._save_device(record.id, DeviceRecord(dev_id, size, tid))
+        if size > origin.size:
+            self._grow_filesystem(record.id, dev_id, size)
+
+    @contextlib.contextmanager
+    def _frozen_parent(self, parent: LayerId | None) -> Iterator[None]:
+        """Freeze a mounted parent's filesystem so that its snapshot is consistent."""
+        if parent is None or self._refs.get(parent, 0) == 0:
+            yield
+            return
+        fd = os.open(self.mounts_dir / parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, FIFREEZE, 0)
+            try:
+                yield
+            finally:
+                fcntl.ioctl(fd, FITHAW, 0)
+        finally:
+            os.close(fd)
+
+    def _grow_filesystem(self, layer_id: LayerId, dev_id: int, size: int) -> None:
+        device = self.backend.activate(dev_id, size)
+        try:
+            _run(["e2fsck", "-f", "-y", str(device)], "checking before a resize", ok=(0, 1))
+            _run(["resize2fs", str(device)], f"growing the filesystem of {layer_id}")
+        finally:
+            self.backend.deactivate(dev_id)
+
+    def _remove_layer(self, layer_id: LayerId) -> None:
+        target = self.mounts_dir / layer_id
+        if any(m.target == target.resolve() for m in mounts_under(self.mounts_dir)):
+            _run(["umount", str(target)], f"unmounting {layer_id} left mounted")
+        record = self._device(layer_id)
+        if record is not None:
+            self.backend.deactivate(record.device_id)
+            with self._transaction(record.device_id, layer_id):
+                with contextlib.suppress(DeviceNotFound):
+                    self.backend.message(f"delete {record.device_id}")
+                self._record_path(layer_id).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            target.rmdir()
+
+    def _mount(self, record: LayerRecord, readonly: bool) -> Path:
+        device_record = self._device(record.id)
+        if device_record is None:
+            raise DriverError(f"layer {record.id!r} has no device record", layer_id=record.id)
+        target = self.mounts_dir / record.id
+        target.mkdir(mode=0o700, exist_ok=True)
+        device = self.backend.activate(device_record.device_id, device_record.size)
+        try:
+            options = "ro" if readonly else "rw"
+            _run(
+                ["mount", "-t", "ext4", "-o", options, str(device), str(target)],
+                f"mounting layer {record.id}",
+            )
+        except BaseException:
+            self.backend.deactivate(device_record.device_id)
+            raise
+        return target / ROOTFS_DIR
+
+    def _unmount(self, layer_id: LayerId) -> None:
+        target = self.mounts_dir / layer_id
+        _run(["umount", str(target)], f"unmounting layer {layer_id}")
+        record = self._device(layer_id)
+        if record is not None:
+            self.backend.deactivate(record.device_id)
+        with contextlib.suppress(OSError):
+            target.rmdir()
+
+    def _cleanup(self) -> None:
+        for mount in mounts_under(self.mounts_dir):
+            if mount.target != self.mounts_dir.resolve():
+                subprocess.run(["umount", str(mount.target)], capture_output=True)
+        try:
+            self.backend.shutdown()
+        except (DriverError, ThinPoolError, OSError) as exc:
+            raise MountError(f"devicemapper cleanup: {exc}") from exc
+
+    def abort_hung_pool(self) -> None:
+        """Cut the FUSE connection of a hung userspace pool daemon (writers then fail)."""
+        from graphdrivers.drivers.devmapper.userspace import UserspaceBackend
+
+        if isinstance(self.backend, UserspaceBackend):
+            self.backend.abort_daemon()
+
+    def _metadata(self, record: LayerRecord) -> dict[str, str]:
+        device = self._device(record.id)
+        if device is None:
+            return {}
+        return {
+            "DeviceId": str(device.device_id),
+            "DeviceSize": str(device.size),
+            "DeviceName": f"thin-{device.device_id}",
+            "MountDir": str(self.mounts_dir / record.id / ROOTFS_DIR),
+        }
+
+    def _status_extra(self) -> dict[str, str]:
+        extra = dict(self.backend.status())
+        extra["Base Device Size"] = str(self.base_size)
+        extra["Backing Filesystem"] = "ext4"
+        if "dm.datadev" not in self.options:
+            extra["Data loop file"] = "sparse file (the easy, slow set-up; dm.datadev is faster)"
+        return extra
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            native_diff=False, reproducible_diff=True, quota=True, supports_devices=True
+        )
+
+
+def _run(args: list[str], what: str, ok: tuple[int, ...] = (0,)) -> None:
+    run = subprocess.run(args, capture_output=True, text=True)
+    if run.returncode not in ok:
+        message = (run.stderr or run.stdout).strip()
+        if "No space left" in message:
+            raise QuotaExceeded(f"{what}: {message}")
+        raise MountError(f"{what}: {' '.join(args)} failed: {message}")
+
+
+def remove_pool_files(home: Path) -> None:
+    """Delete a devicemapper home's pool files (for tests and tools that start afresh)."""
+    remove_tree(home / POOL_DIR)

@@ -1,0 +1,227 @@
+"""devicemapper driver specifics: the pool under it, O(1) snapshots, sizes, crashes, hangs.
+
+The conformance suite checks the Driver contract on devicemapper; these tests look under it:
+the pool's metadata must pass ``thin_check`` and our own reference recount after every
+scenario, and the pool must hold exactly the devices the driver has records for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from graphdrivers.drivers.devmapper.driver import DevmapperDriver
+from graphdrivers.errors import InvalidOption, NotSupported
+from graphdrivers.fsutil.fstype import mounts_under
+from graphdrivers.thinpool import ThinPool
+from graphdrivers.thinpool.check import check_pool
+
+OPTIONS = {
+    "dm.backend": "userspace",
+    "dm.basesize": "256M",
+    "dm.loopdatasize": "2G",
+    "dm.loopmetadatasize": "32M",
+}
+
+
+def open_driver(home: Path, **extra: str) -> DevmapperDriver:
+    try:
+        return DevmapperDriver(home, {**OPTIONS, **extra})
+    except NotSupported as exc:
+        pytest.skip(f"devicemapper needs {exc.missing}")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "home"
+    leftovers = mounts_under(tmp_path)
+    for mount in leftovers:
+        subprocess.run(["umount", "-l", str(mount.target)], capture_output=True)
+    assert not leftovers, f"left mounted: {[str(m.target) for m in leftovers]}"
+    assert not loops_under(tmp_path)
+
+
+def loops_under(path: Path) -> list[str]:
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(path) in line]
+
+
+def pool_files(home: Path) -> tuple[Path, Path]:
+    return home / "devicemapper" / "metadata", home / "devicemapper" / "data"
+
+
+def assert_pool_consistent(home: Path) -> None:
+    """thin_check and our recount are clean, and pool devices == the driver's records."""
+    meta, data = pool_files(home)
+    run = subprocess.run(["thin_check", str(meta)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert check_pool(meta) == []
+
+    recorded = {
+        json.loads(p.read_text())["device_id"] for p in (home / "metadata").glob("*.device")
+    }
+    recorded.add(json.loads((home / "metadata" / "base").read_text())["device_id"])
+    with ThinPool.open(meta, data) as pool:
+        assert set(pool.devices()) == recorded
+
+
+def test_layers_are_snapshots_sharing_their_parents_blocks(home: Path) -> None:
+    driver = open_driver(home)
+    try:
+        driver.create("base")
+        with driver.mounted("base") as root:
+            assert sorted(os.listdir(root)) == []
+            (root / "big").write_bytes(os.urandom(8 * 1024 * 1024))
+        used = driver.status().extra["Data Blocks Used/Total"].split("/")[0]
+
+        for n in range(5):
+            driver.create(f"child{n}", parent="base" if n == 0 else f"child{n - 1}")
+        # Five snapshots of an 8 MiB file cost no data blocks: they share the base's.
+        assert driver.status().extra["Data Blocks Used/Total"].split("/")[0] == used
+        with driver.mounted("child4") as root:
+            assert (root / "big").stat().st_size == 8 * 1024 * 1024
+            (root / "big").write_bytes(b"changed")
+        with driver.mounted("base") as root:
+            assert (root / "big").stat().st_size == 8 * 1024 * 1024
+    finally:
+        driver.cleanup()
+    assert_pool_consistent(home)
+
+
+def test_size_option_grows_the_layer_filesystem(home: Path) -> None:
+    driver = open_driver(home)
+    try:
+        driver.create("small")
+        driver.create("big", parent="small", storage_opt={"size": "512M"})
+        with driver.mounted("small") as root:
+            small = shutil.disk_usage(root).total
+        with driver.mounted("big") as root:
+            big = shutil.disk_usage(root).total
+        assert big > 1.8 * small
+        with pytest.raises(InvalidOption, match="only grow"):
+            driver.create("shrunk", parent="big", storage_opt={"size": "128M"})
+        assert not driver.exists("shrunk")
+    finally:
+        driver.cleanup()
+    assert_pool_consistent(home)
+
+
+def test_remove_frees_the_blocks_of_a_layer(home: Path) -> None:
+    driver = open_driver(home)
+    try:
+        driver.create("base")
+        before = int(driver.status().extra["Data Blocks Used/Total"].split("/")[0])
+        driver.create("scratch", parent="base")
+        with driver.mounted("scratch") as root:
+            (root / "data").write_bytes(os.urandom(4 * 1024 * 1024))
+        assert int(driver.status().extra["Data Blocks Used/Total"].split("/")[0]) > before
+        driver.remove("scratch")
+        assert int(driver.status().extra["Data Blocks Used/Total"].split("/")[0]) == before
+    finally:
+        driver.cleanup()
+    assert_pool_consistent(home)
+
+
+CREATOR = textwrap.dedent(
+    """
+    import sys
+    from graphdrivers.drivers.devmapper.driver import DevmapperDriver
+    home, options = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:])
+    driver = DevmapperDriver(home, options)
+    parent = None
+    for n in range(1000):
+        driver.create(f"l{n}", parent=parent)
+        print(n, flush=True)
+        parent = f"l{n}"
+    """
+)
+
+
+def test_kill_during_creates_leaves_layers_whole_or_absent(home: Path) -> None:
+    open_driver(home).cleanup()
+    args = [f"{k}={v}" for k, v in OPTIONS.items()]
+    for stop_after in (2, 5):
+        worker = subprocess.Popen(
+            [sys.executable, "-c", CREATOR, str(home), *args], stdout=subprocess.PIPE, text=True
+        )
+        assert worker.stdout is not None
+        for line in worker.stdout:
+            if int(line) >= stop_after:
+                break
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+        driver = open_driver(home)
+        try:
+            layers = driver.list_layers()
+            assert layers, "the layers created before the kill must survive"
+            for layer in layers:
+                with driver.mounted(layer) as root:
+                    assert root.is_dir()
+            for layer in layers:
+                driver.remove(layer)
+        finally:
+            driver.cleanup()
+        assert_pool_consistent(home)
+
+
+@pytest.mark.expect_warnings
+def test_cleanup_aborts_a_hung_pool_daemon(home: Path) -> None:
+    """A daemon that stops answering must not leave writers stuck for ever."""
+    driver = open_driver(home)
+    driver.create("layer")
+    root = driver.get("layer")
+    pid = int((home / "devicemapper" / "daemon.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import os
+            buf = bytearray(os.urandom(1 << 20))
+            try:
+                fd = os.open({str(root / "f")!r}, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+                for _ in range(64):
+                    os.write(fd, memoryview(buf))
+                os.fsync(fd)
+            except OSError as exc:
+                print("error", exc.errno, flush=True)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            writer.wait(timeout=3)  # the writer is stuck behind the stopped daemon
+        driver.abort_hung_pool()
+        out, _ = writer.communicate(timeout=60)
+        assert out.startswith("error"), out
+    finally:
+        with _suppress():
+            os.kill(pid, signal.SIGKILL)
+        if writer.poll() is None:
+            writer.kill()
+        subprocess.run(["umount", "-l", str(home / "mnt" / "layer")], capture_output=True)
+        for line in loops_under(home):
+            subprocess.run(["losetup", "-d", line.split(":")[0]], capture_output=True)
+    # abort_hung_pool waited for (and reaped) the daemon it started.
+    assert not Path(f"/proc/{pid}").exists()
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
