@@ -2,7 +2,7 @@
 
 Every check of :mod:`graphdrivers.conformance.checks` is collected here once per driver in
 :data:`CONFORMANCE_DRIVERS` (test ids end in ``[vfs]``, ``[overlay]``...). A driver joins by
-adding its registry name to that list. A driver module that needs its homes on a particular
+adding its line to that table. A driver module that needs its homes on a particular
 filesystem (btrfs) exposes ``conformance_home()``, a context manager yielding a directory there,
 the same hook ``graphdrivers conformance`` uses.
 
@@ -44,8 +44,11 @@ from graphdrivers.drivers.vfs import VfsDriver
 from graphdrivers.ids import LayerId
 from graphdrivers.store import LayerRecord
 
-# The drivers the whole suite runs on in `pytest tests/`; a driver joins by adding its name.
-CONFORMANCE_DRIVERS = ["vfs"]
+# The drivers the whole suite runs on in `pytest tests/`: test id -> (registry name, options).
+# A driver joins by adding its line.
+CONFORMANCE_DRIVERS: dict[str, tuple[str, dict[str, str]]] = {
+    "vfs": ("vfs", {}),
+}
 
 CHECK_MODULES = (
     test_lifecycle,
@@ -67,13 +70,13 @@ for _module in CHECK_MODULES:
 __all__ = ["caps", "driver", "gd_case"]
 
 
-@pytest.fixture(scope="module", params=CONFORMANCE_DRIVERS)
+@pytest.fixture(scope="module", params=sorted(CONFORMANCE_DRIVERS))
 def gd_target(request: pytest.FixtureRequest) -> Iterator[Target]:
     """Each driver of ours in turn, with its homes where its module wants them."""
-    spec = request.param
+    spec, options = CONFORMANCE_DRIVERS[request.param]
     hook = find_home_hook(spec)
     with hook() if hook is not None else contextlib.nullcontext() as root:
-        yield Target.make(spec, home_root=root)
+        yield Target.make(spec, options=options, home_root=root)
 
 
 # ------------------------------------------------------------------ deliberately broken drivers
