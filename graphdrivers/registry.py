@@ -15,6 +15,7 @@ BUILTIN_DRIVERS: dict[str, str] = {
     "overlay": "graphdrivers.drivers.overlay:OverlayDriver",
     "union": "graphdrivers.drivers.union:UnionDriver",
     "devicemapper": "graphdrivers.drivers.devmapper.driver:DevmapperDriver",
+    "btrfs": "graphdrivers.drivers.btrfs.driver:BtrfsDriver",
 }
 
 DriverFactory = Callable[[Path, Mapping[str, str]], Driver]
