@@ -124,7 +124,7 @@ class BtrfsDriver(Driver):
         if ioctl.statfs_type(where) != ioctl.BTRFS_SUPER_MAGIC:
             raise NotSupported(
                 f"backing filesystem btrfs at {self.home}",
-                hint=f"{where} is on {filesystem_type(where)}; " + BTRFS_HOME_HINT,
+                hint=f"{where} is on {filesystem_type(where)}; " + hostcheck.BTRFS_HOME_HINT,
                 driver=self.name,
             )
         self.diff_mode = self.options.get(OPT_DIFF, DIFF_MODES[0])
@@ -139,9 +139,12 @@ class BtrfsDriver(Driver):
         self.subvolumes_dir = self.home / SUBVOLUMES_DIR
         make_private_dir(self.subvolumes_dir)
 
-    def layer_path(self, layer_id: LayerId) -> Path:
+    def layer_path(self, layer_id: str) -> Path:
         """The layer's subvolume (whether or not it exists)."""
         return self.subvolumes_dir / layer_id
+
+    def __enter__(self) -> BtrfsDriver:
+        return self
 
     def _check_storage_opt(
         self, layer_id: LayerId, rw: bool, storage_opt: Mapping[str, str] | None
@@ -281,10 +284,11 @@ class BtrfsDriver(Driver):
         path = self.layer_path(record.id)
         with opened(path) as fd:
             info = ioctl.subvolume_info(fd)
+            readonly = ioctl.is_readonly(fd)
         meta = {
             "Path": str(path),
             "SubvolumeId": str(info.id),
-            "ReadOnly": str(bool(info.flags & ioctl.BTRFS_SUBVOL_RDONLY)).lower(),
+            "ReadOnly": str(readonly).lower(),
             "CreatedTransaction": str(info.otransid),
         }
         if SIZE_OPT in record.storage_opt:
@@ -308,12 +312,6 @@ class BtrfsDriver(Driver):
             quota=True,
             supports_devices=True,
         )
-
-
-BTRFS_HOME_HINT = (
-    "put the home on a btrfs filesystem: a btrfs partition (mkfs.btrfs /dev/sdXN; mount it), or "
-    "a loopback image (truncate -s 10G img; mkfs.btrfs img; mount -o loop img DIR)"
-)
 
 
 def conformance_home() -> contextlib.AbstractContextManager[Path]:

@@ -74,6 +74,7 @@ BTRFS_QGROUP_LIMIT_KEY = 244
 
 # Flags.
 BTRFS_SUBVOL_RDONLY = 1 << 1  # vol_args_v2.flags and SUBVOL_{GET,SET}FLAGS
+BTRFS_ROOT_SUBVOL_RDONLY = 1 << 0  # the same fact in root_item.flags (GET_SUBVOL_INFO)
 BTRFS_QGROUP_LIMIT_MAX_RFER = 1 << 0
 BTRFS_QGROUP_LIMIT_MAX_EXCL = 1 << 1
 BTRFS_QUOTA_CTL_ENABLE = 1
@@ -403,7 +404,7 @@ class SubvolInfo:
     parent_id: int
     generation: int  # transid of the last change
     otransid: int  # transid when it was created (for a snapshot: when it was taken)
-    flags: int
+    flags: int  # root_item flags: read-only is BTRFS_ROOT_SUBVOL_RDONLY, not SUBVOL_RDONLY
     uuid: bytes
     parent_uuid: bytes  # uuid of the snapshot source; all zero for a plain subvolume
 
