@@ -241,10 +241,10 @@ class Bench:
             ratio = med["fuse-overlayfs"] / med["fusemount"]
             kern = f"{med['kernel'] / med['fusemount']:8.2f}x" if "kernel" in med else " " * 9
             target = next((t for k, t in SPEED_TARGETS.items() if name.startswith(k)), None)
-            verdict = ""
+            goal = ""
             if target is not None:
-                verdict = f"  >= {target:.1f}x {'met' if ratio >= target else 'MISSED'}"
-            lines.append(f"{name:20}{cells}  {ratio:6.2f}x {kern}{verdict}")
+                goal = f"  >= {target:.1f}x {'met' if ratio >= target else 'MISSED'}"
+            lines.append(f"{name:20}{cells}  {ratio:6.2f}x {kern}{goal}")
         lines.append("(ratios are speed: fuse-overlayfs' or the kernel's time / fusemount's)")
         ours = {n: median(v["fusemount"]) for n, v in self.results.items() if "fusemount" in v}
         depths = [d for d in self.sizes.depths if f"lookups depth {d}" in ours]
