@@ -19,7 +19,20 @@ log = logging.getLogger(__name__)
 
 class WriteOps(UnionBase):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return os.pwrite(self.file_handle(fh).fd, buf, off)
+        """Write, leaving the backing file's times alone under the writeback cache.
+
+        With the writeback cache the kernel owns a file's mtime: it stamps it at write(2)
+        and sends it later in a SETATTR. Page write-back is queued behind that SETATTR and
+        may reach us after it, so a WRITE that let the backing fs stamp its own mtime would
+        overwrite the one the kernel showed (a file read back after remount would differ).
+        """
+        fd = self.file_handle(fh).fd
+        if not self.enable_writeback_cache:
+            return os.pwrite(fd, buf, off)
+        before = os.fstat(fd)
+        written = os.pwrite(fd, buf, off)
+        os.utime(fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return written
 
     async def setattr(
         self,

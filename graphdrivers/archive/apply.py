@@ -18,7 +18,11 @@ Each entry is handled as follows (``root`` is the tree being written):
       ``trusted.overlay.opaque=y`` (``user.overlay.opaque`` with ``userxattr``) on its directory.
       A directory unpacked over a whiteout this layer made is made opaque.
    ``"aufs"`` (an aufs-style upper directory)
-      ``.wh.`` files and ``.wh..wh..opq`` markers are written as the empty files they are.
+      ``.wh.`` files and ``.wh..wh..opq`` markers are written as the empty files they are;
+      ``.wh.<name>`` first removes a ``<name>`` that only this layer's markers made.
+
+   In every mode a marker below a name this layer whites out (``foo/.wh.bar`` beside
+   ``.wh.foo``) hides nothing more and is skipped.
 
    Other ``.wh..wh.*`` names are aufs bookkeeping and are skipped in every mode.
 3. The parent directory is opened through descriptors from the root. Missing parents are
@@ -158,6 +162,7 @@ class _Applier:
         self.resolver = DirResolver(root, follow=True)
         self.unpacked: set[str] = set()
         self.whiteouts_made: set[str] = set()
+        self.hidden: set[Parts] = set()  # names this layer's .wh. entries hide (as named)
         self.dir_times: dict[Parts, tuple[int, int]] = {}
         self.size = 0
         self.is_root = _running_as_root()
@@ -204,12 +209,29 @@ class _Applier:
         if base.startswith(WHITEOUT_META_PREFIX) and base != WHITEOUT_OPAQUE:
             log.debug("skipping aufs metadata entry %r", entry.name)
             return
-        if mode != "aufs" and base == WHITEOUT_OPAQUE:
-            self._opaque(parts[:-1])
-        elif mode != "aufs" and base.startswith(WHITEOUT_PREFIX):
-            self._whiteout(parts[:-1], whited_out_name(base))
-        else:
+        if not base.startswith(WHITEOUT_PREFIX):
             self._unpack(parts, entry, reader)
+            return
+        if self._below_own_whiteout(parts[:-1]):
+            log.debug("skipping %r: this layer whites out a directory above it", entry.name)
+            return
+        if base != WHITEOUT_OPAQUE:
+            self.hidden.add((*parts[:-1], whited_out_name(base)))
+        if mode == "aufs":
+            self._aufs_marker(parts, entry, reader)
+        elif base == WHITEOUT_OPAQUE:
+            self._opaque(parts[:-1])
+        else:
+            self._whiteout(parts[:-1], whited_out_name(base))
+
+    def _below_own_whiteout(self, dir_parts: Parts) -> bool:
+        """True if this layer whited out ``dir_parts`` or a directory above it.
+
+        A layer may hold both ``.wh.foo`` and ``foo/.wh.bar`` (c/storage applies it: foo is
+        gone); the second marker hides nothing more, and in a union's upper dir ``foo`` is then
+        a whiteout, not a directory that could hold it.
+        """
+        return any(dir_parts[:i] in self.hidden for i in range(1, len(dir_parts) + 1))
 
     # ------------------------------------------------------------------ whiteouts
 
@@ -238,6 +260,18 @@ class _Applier:
             self.resolver.forget()
         os.mknod(name, stat.S_IFCHR, OVERLAY_WHITEOUT_DEVICE, dir_fd=dir_fd)
         self.whiteouts_made.add(path)
+
+    def _aufs_marker(self, parts: Parts, entry: tf.TarEntry, reader: tf.TarReader) -> None:
+        """Write an aufs marker file as it is; a whiteout first removes its name if only
+        markers of this layer made it (``foo/.wh.bar`` before ``.wh.foo``)."""
+        if parts[-1] != WHITEOUT_OPAQUE:
+            found = self.resolver.dir(parts[:-1], create=True)
+            assert found is not None
+            dir_fd, real = found
+            name = whited_out_name(parts[-1])
+            if "/".join((*real, name)) not in self.unpacked and remove_at(dir_fd, name):
+                self.resolver.forget()
+        self._unpack(parts, entry, reader, own=False)
 
     def _opaque(self, dir_parts: Parts) -> None:
         if self.opts.whiteouts == "overlay":
@@ -291,7 +325,13 @@ class _Applier:
 
     # ------------------------------------------------------------------ entries
 
-    def _unpack(self, parts: Parts, entry: tf.TarEntry, reader: tf.TarReader) -> None:
+    def _unpack(
+        self, parts: Parts, entry: tf.TarEntry, reader: tf.TarReader, *, own: bool = True
+    ) -> None:
+        """Make the entry; ``own`` (not an aufs marker) makes it and its parents this layer's."""
+        if own and self.hidden:
+            for i in range(1, len(parts) + 1):
+                self.hidden.discard(parts[:i])
         found = self.resolver.dir(parts[:-1], create=True)
         assert found is not None
         dir_fd, real = found
@@ -305,7 +345,8 @@ class _Applier:
         except FileExistsError:
             merge = self._clear_for(dir_fd, name, path, entry)
             self._create(dir_fd, name, path, real, entry, reader, link_source, merge=merge)
-        self._mark_unpacked(path)
+        if own:
+            self._mark_unpacked(path)
 
     def _create(
         self,

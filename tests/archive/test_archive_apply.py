@@ -340,6 +340,33 @@ def test_aufs_mode_keeps_whiteout_files(tmp_path: Path) -> None:
     assert (tmp_path / ".wh.gone").stat().st_size == 0
 
 
+# .wh.foo and foo/.wh.bar in one layer, both orders: foo is gone (c/storage's rule)
+WHITEOUT_BELOW_WHITEOUT = {
+    "forward": [reg(".wh.foo"), reg("foo/.wh.bar")],
+    "reverse": [reg("foo/.wh.bar"), reg(".wh.foo")],
+}
+
+
+@pytest.mark.parametrize("order", sorted(WHITEOUT_BELOW_WHITEOUT))
+def test_whiteout_below_own_whiteout(tmp_path: Path, order: str) -> None:
+    """Each mode leaves exactly a whiteout of foo, whatever the order of the two markers."""
+    data = make_tar(WHITEOUT_BELOW_WHITEOUT[order])
+    for mode in ("delete", "overlay", "aufs"):
+        root = tmp_path / mode
+        (root / "foo").mkdir(parents=True)
+        (root / "foo" / "bar").write_text("lower")
+        apply_bytes(root, data, whiteouts=mode)
+        found = names(root)
+        if mode == "delete":
+            assert found == [], found
+        elif mode == "overlay":
+            assert found == ["foo"], found
+            st = os.lstat(root / "foo")
+            assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+        else:
+            assert found == [".wh.foo"], found
+
+
 def test_union_xattrs_in_a_tar_are_not_applied(tmp_path: Path) -> None:
     info, data = reg("f", b"x")
     info.pax_headers = {

@@ -221,6 +221,25 @@ async def test_setattr_copies_up(h: Harness, layers: dict[str, Path]) -> None:
 
 
 @pytest.mark.trio
+async def test_write_after_kernel_set_mtime_keeps_it(h: Harness, layers: dict[str, Path]) -> None:
+    """Under the writeback cache a page WRITE may arrive after the SETATTR carrying the
+    kernel's mtime; the WRITE must not restamp the backing file (the kernel owns mtime)."""
+    assert h.ops.enable_writeback_cache
+    ino = await h.ino("only2")
+    info = await h.ops.open(ino, os.O_RDWR, CTX)
+    try:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_mtime_ns = 1_700_000_000_123_456_789
+        await h.ops.setattr(ino, attr, fields(mtime=True), info.fh, CTX)
+        assert await h.ops.write(info.fh, 0, b"late page") == 9
+    finally:
+        await h.ops.release(info.fh)
+    st = (layers["upper"] / "only2").stat()
+    assert st.st_mtime_ns == 1_700_000_000_123_456_789
+    assert (layers["upper"] / "only2").read_bytes() == b"late page"
+
+
+@pytest.mark.trio
 async def test_xattr_changes_copy_up_and_internal_names_are_hidden(
     h: Harness, layers: dict[str, Path]
 ) -> None:
