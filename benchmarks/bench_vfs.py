@@ -10,7 +10,9 @@ It is put into a base layer of a :class:`~graphdrivers.drivers.vfs.VfsDriver`; t
 times, in alternating order, ``create(child, base)`` and ``cp -a`` of the base layer's directory
 to a sibling directory. Before each timed step the page cache's dirty data is written out
 (``sync``) so that one step's writeback is not charged to the next. It prints the median of each,
-their ratio (the target is <= 1.0) and the peak RSS of this process. Copies are kept until the
+their ratio (the target is <= 1.0), the same for CPU time (user + system, ``cp`` counted
+through ``RUSAGE_CHILDREN``: steadier than wall time when others load the machine) and the
+peak RSS of this process. Copies are kept until the
 end: ext4 makes inode allocation slower for a while after many deletes (it skips recently freed
 inodes), which would charge one round's clean-up to the next round's copies.
 """
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -82,12 +85,20 @@ def build_tree(root: Path, quick: bool) -> None:
     generate(root, max(0, files - have_files), max(0, total - have_bytes))
 
 
-def timed(step: Callable[[], object]) -> float:
-    """Seconds ``step()`` took, after writing out dirty pages so no other step's count."""
+def cpu_seconds() -> float:
+    """User + system CPU of this process and its waited-for children so far."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(step: Callable[[], object]) -> tuple[float, float]:
+    """Wall and CPU seconds ``step()`` took, after writing out dirty pages so that no other
+    step's writeback counts."""
     os.sync()
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     step()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def bench(work: Path, rounds: int, quick: bool) -> None:
@@ -107,8 +118,7 @@ def bench(work: Path, rounds: int, quick: bool) -> None:
         f"copy method {driver.copy_method}; {machine()}"
     )
 
-    vfs_times: list[float] = []
-    cp_times: list[float] = []
+    times: dict[str, list[tuple[float, float]]] = {"vfs": [], "cp": []}
     for i in range(rounds):
         copy = work / f"cp-copy{i}"
 
@@ -122,14 +132,21 @@ def bench(work: Path, rounds: int, quick: bool) -> None:
         if i % 2:
             steps.reverse()
         for label, step in steps:
-            (vfs_times if label == "vfs" else cp_times).append(timed(step))
-        print(f"round {i + 1}: vfs create {vfs_times[-1]:.3f} s, cp -a {cp_times[-1]:.3f} s")
+            times[label].append(timed(step))
+        (vw, vc), (cw, cc) = times["vfs"][-1], times["cp"][-1]
+        print(
+            f"round {i + 1}: vfs create {vw:.3f} s (cpu {vc:.3f}), "
+            f"cp -a {cw:.3f} s (cpu {cc:.3f})",
+            flush=True,
+        )
 
-    vfs_med, cp_med = median(vfs_times), median(cp_times)
+    vfs_med, cp_med = (median([w for w, _ in times[k]]) for k in ("vfs", "cp"))
+    vfs_cpu, cp_cpu = (median([c for _, c in times[k]]) for k in ("vfs", "cp"))
     ratio = vfs_med / cp_med
     print(
         f"median: vfs create {vfs_med:.3f} s, cp -a {cp_med:.3f} s, "
         f"ratio {ratio:.2f}x (target <= 1.0x: {'met' if ratio <= 1.0 else 'MISSED'}); "
+        f"cpu {vfs_cpu:.3f} vs {cp_cpu:.3f}, ratio {vfs_cpu / cp_cpu:.2f}x; "
         f"peak RSS {peak_rss_mib():.0f} MiB"
     )
 
