@@ -11,7 +11,8 @@ given, else under pytest's temporary directory) holding::
 construction raises :class:`~graphdrivers.errors.NotSupported` skips the check with the missing
 thing as the reason. When the check ends, every driver it opened is cleaned up, and anything
 still mounted under the case directory fails the check (after being unmounted, so that no mount
-outlives the test run).
+outlives the test run). Then, if the driver's module has ``conformance_verify(home)``, each home
+is handed to it and every problem it returns fails the check.
 
 The ``gd_target`` fixture says which driver runs. Here it reads what the plugin or
 :func:`graphdrivers.conformance.run` stored in the config; a test module that runs the checks
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 HOME_DIR = "home"
 VICTIM_DIR = "victim"
+VERIFY_HOOK = "conformance_verify"
 
 
 @dataclasses.dataclass
@@ -71,6 +73,7 @@ class Case:
     def close(self) -> None:
         """Clean up every driver, then make sure nothing is left mounted under the case."""
         errors = []
+        homes = list(dict.fromkeys(Path(d.home) for d in self.drivers if hasattr(d, "home")))
         for driver in reversed(self.drivers):
             try:
                 driver.cleanup()
@@ -88,6 +91,10 @@ class Case:
                 "still mounted under the case directory after cleanup(): "
                 + ", ".join(f"{e.target} ({e.fstype})" for e in left)
             )
+        verify = self.target.module_hook(VERIFY_HOOK)
+        if verify is not None and not errors:
+            for home in homes:
+                errors += [f"{home}: {problem}" for problem in verify(home)]
         if errors:
             raise AssertionError("; ".join(errors))
 

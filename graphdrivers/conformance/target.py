@@ -10,6 +10,7 @@ be handed to another process, so the checks that kill a process in the middle of
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,17 @@ class Target:
     def open(self, home: Path) -> Any:
         """A driver bound to ``home`` (may raise NotSupported)."""
         return self.factory(home, dict(self.options))
+
+    def module_hook(self, name: str) -> Callable[..., Any] | None:
+        """The callable ``name`` of the module that defines the driver's factory, if any.
+
+        The suite looks for ``conformance_verify(home) -> list[str]`` there: a driver that can
+        check its home's on-disk state (devicemapper runs thin_check on its pool) is asked to
+        after every check, once its drivers are cleaned up; each string is a problem.
+        """
+        module = sys.modules.get(getattr(self.factory, "__module__", "") or "")
+        hook = getattr(module, name, None)
+        return hook if callable(hook) else None
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, str]:

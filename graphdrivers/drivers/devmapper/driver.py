@@ -17,6 +17,7 @@ On-disk layout (the store's part is drawn in :mod:`graphdrivers.store`)::
     ├── devicemapper/               POOL_DIR
     │   ├── data, metadata          the pool (sparse files unless dm.datadev/dm.metadatadev)
     │   ├── mnt/thin-<dev id>       userspace backend: the daemon's device files
+    │   ├── base.img                scratch ext4 image of the base device, while it is made
     │   └── pool.lock, daemon.pid, daemon.log
     ├── metadata/                   DEVICES_DIR
     │   ├── base                    DeviceRecord of the base device
@@ -54,6 +55,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from graphdrivers.driver import Capabilities, Driver
+from graphdrivers.drivers.devmapper.baseimage import ROOTFS_DIR, make_ext4_image
 from graphdrivers.errors import (
     DriverError,
     InvalidOption,
@@ -74,12 +76,12 @@ DATA_FILE = "data"
 METADATA_FILE = "metadata"
 DEVICES_DIR = "metadata"
 MOUNTS_DIR = "mnt"
-ROOTFS_DIR = "rootfs"
 BASE_RECORD = "base"
 DEVICESET_FILE = "deviceset-metadata"
 TRANSACTION_FILE = "transaction-metadata"
 BASE_DEVICE_ID = 0
 DEVICE_SUFFIX = ".device"
+BASE_IMAGE_FILE = "base.img"
 
 DEFAULT_BASE_SIZE = 10 * 1024**3
 DEFAULT_DATA_SIZE = 100 * 1024**3
@@ -114,6 +116,7 @@ class PoolBackend(Protocol):
     def devices(self) -> set[int]: ...
     def activate(self, dev_id: int, size: int) -> Path: ...
     def deactivate(self, dev_id: int) -> None: ...
+    def write_image(self, dev_id: int, size: int, image: Path) -> None: ...
     def status(self) -> dict[str, str]: ...
     def shutdown(self) -> None: ...
 
@@ -329,32 +332,13 @@ class DevmapperDriver(Driver):
         )
 
     def _make_base_filesystem(self) -> None:
-        device = self.backend.activate(BASE_DEVICE_ID, self.base_size)
-        target = self.mounts_dir / f".{BASE_RECORD}"  # no layer id starts with a dot
+        """ext4 with an empty ``rootfs``, made on a scratch file and copied into the device."""
+        image = self.pool_dir / BASE_IMAGE_FILE
         try:
-            args = [
-                "mkfs.ext4",
-                "-q",
-                "-F",
-                "-E",
-                "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-                *self.options.get("dm.mkfsarg", "").split(),
-                str(device),
-            ]
-            _run(args, "making the base filesystem")
-            target.mkdir(exist_ok=True)
-            _run(["mount", "-t", "ext4", str(device), str(target)], "mounting the base device")
-            try:
-                rootfs = target / ROOTFS_DIR
-                rootfs.mkdir(mode=0o755)
-                os.chown(rootfs, 0, 0)
-                os.chmod(rootfs, 0o755)
-            finally:
-                _run(["umount", str(target)], "unmounting the base device")
+            make_ext4_image(image, self.base_size, self.options.get("dm.mkfsarg", "").split())
+            self.backend.write_image(BASE_DEVICE_ID, self.base_size, image)
         finally:
-            self.backend.deactivate(BASE_DEVICE_ID)
-            with contextlib.suppress(OSError):
-                target.rmdir()
+            image.unlink(missing_ok=True)
         log.info("made the ext4 base device (%d bytes)", self.base_size)
 
     # ----------------------------------------------------------------- storage hooks
@@ -503,3 +487,10 @@ def _run(args: list[str], what: str, ok: tuple[int, ...] = (0,)) -> None:
 def remove_pool_files(home: Path) -> None:
     """Delete a devicemapper home's pool files (for tests and tools that start afresh)."""
     remove_tree(home / POOL_DIR)
+
+
+def conformance_verify(home: Path) -> list[str]:
+    """The conformance suite's check of a home after each scenario (see :mod:`.verify`)."""
+    from graphdrivers.drivers.devmapper.verify import verify_home
+
+    return verify_home(home)

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from graphdrivers.drivers.devmapper.baseimage import copy_extents
 from graphdrivers.errors import MountError, NotSupported
 from graphdrivers.thinpool import ThinPool
 from graphdrivers.thinpool.errors import DeviceExists, DeviceNotFound, ThinPoolError
@@ -153,6 +154,19 @@ class KernelBackend:
         table = f"0 {size // 512} thin /dev/mapper/{self.pool_name} {dev_id}"
         _dmsetup("create", name, "--table", table)
         return Path(f"/dev/mapper/{name}")
+
+    def write_image(self, dev_id: int, size: int, image: Path) -> None:
+        """Copy the data extents of the file ``image`` into a thin device of ``size`` bytes."""
+        device = self.activate(dev_id, size)
+        try:
+            fd = os.open(device, os.O_WRONLY)
+            try:
+                copy_extents(image, lambda data, offset: os.pwrite(fd, data, offset))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            self.deactivate(dev_id)
 
     def deactivate(self, dev_id: int) -> None:
         name = f"{self.pool_name}-{dev_id}"
