@@ -124,6 +124,37 @@ def test_writes_go_to_the_layers_own_diff(driver: OverlayDriver, home: Path) -> 
     assert sorted(os.listdir(home / "child/diff")) == ["etc", "new"]
 
 
+def test_write_to_a_lower_hardlink_keeps_the_group_whole_in_diff(
+    driver: OverlayDriver, home: Path
+) -> None:
+    """index=on keeps the group one inode in the mount; put links every name into diff/."""
+    driver.create("base")
+    with driver.mounted("base") as root:
+        write(root, "d/a", "before")
+        os.link(root / "d/a", root / "b")
+    driver.create("child", "base")
+    with driver.mounted("child") as root:
+        write(root, "d/a", "after!")
+        assert (root / "b").read_text() == "after!"
+    a, b = os.lstat(home / "child/diff/d/a"), os.lstat(home / "child/diff/b")
+    assert (a.st_ino, a.st_nlink) == (b.st_ino, 2), "the group split in diff/"
+    assert os.listdir(home / "child/work/index") == []
+    assert (home / "base/diff/b").read_text() == "before"
+
+    driver.create("grandchild", "child")  # child is now a read-only lower without an index
+    with driver.mounted("grandchild") as root:
+        a, b = os.lstat(root / "d/a"), os.lstat(root / "b")
+        assert (root / "b").read_text() == "after!"
+        assert (a.st_ino, a.st_nlink) == (b.st_ino, 2)
+    with tarfile.open(fileobj=driver.diff("child"), mode="r|") as tar:
+        members = {m.name: (m.type, m.linkname) for m in tar}
+    assert members == {
+        "b": (tarfile.REGTYPE, ""),
+        "d": (tarfile.DIRTYPE, ""),
+        "d/a": (tarfile.LNKTYPE, "b"),
+    }
+
+
 def test_deletions_are_overlay_whiteouts_in_diff(driver: OverlayDriver, home: Path) -> None:
     driver.create("base")
     with driver.mounted("base") as root:

@@ -369,8 +369,14 @@ def test_native_diff_converts_every_marker_of_both_formats(tmp_path: Path) -> No
     (upper / "plain/.wh.back").write_text("")  # hides the lower one only: dropped
     os.setxattr(upper / "plain/back", "user.fusemount.origin", b"1:2")
     os.setxattr(upper / "plain/back", "user.kept", b"yes")
+    # An opaque marker is kept only where the layers below show a directory to hide.
+    (upper / "zz-new-opaque").mkdir()
+    os.setxattr(upper / "zz-new-opaque", OVERLAY_OPAQUE_XATTR, b"y")
+    lower = tmp_path / "lower"
+    for rel in ("ovl-opaque", "aufs-opaque", "fo-opaque"):
+        (lower / rel).mkdir(parents=True)
 
-    with tarfile.open(fileobj=io.BytesIO(b"".join(export_upper(upper)))) as tar:
+    with tarfile.open(fileobj=io.BytesIO(b"".join(export_upper(upper, [lower])))) as tar:
         got = [
             (m.name, m.type, {k: v for k, v in m.pax_headers.items() if "xattr" in k})
             for m in tar.getmembers()
@@ -388,9 +394,10 @@ def test_native_diff_converts_every_marker_of_both_formats(tmp_path: Path) -> No
         ("ovl-opaque/kept", reg),
         ("plain", dirt),
         ("plain/back", reg),
+        ("zz-new-opaque", dirt),
     ]
-    assert got[-1][2] == {"SCHILY.xattr.user.kept": "yes"}
-    assert all(not pax for name, _, pax in got[:-1])
+    assert got[-2][2] == {"SCHILY.xattr.user.kept": "yes"}
+    assert all(not pax for name, _, pax in got[:-2] + got[-1:])
 
 
 def test_apply_diff_writes_the_drivers_whiteouts(

@@ -13,7 +13,10 @@ API, one ``fsconfig(lowerdir+)`` per layer (:mod:`graphdrivers.drivers.unionfs.m
 stack is never limited by mount(2)'s one-page option string; the layer count the kernel reports
 is checked after every mount.
 
-Mount options: ``index=off`` (no inode index: copied-up hardlinks split, as in moby),
+Mount options: ``index=on`` for writable mounts (the inode index keeps a copied-up hardlink
+group one inode; before unmounting, the driver has the kernel link every name of such a group
+into ``diff/``, and then empties ``work/index/``, see
+:mod:`graphdrivers.drivers.unionfs.overlayindex`; moby mounts ``index=off`` and splits them),
 ``redirect_dir=off`` (renaming a lower directory fails with EXDEV and ``mv`` copies it, so
 ``diff/`` never holds a redirect a tar cannot express), ``metacopy=off`` (a copied-up file in
 ``diff/`` always holds its data, which the native diff reads).
@@ -51,6 +54,7 @@ from graphdrivers.whiteout import WhiteoutFormat
 
 from .unionfs.base import UnionDriverBase
 from .unionfs.mountapi import MountApi, mount_overlay, unmount
+from .unionfs.overlayindex import clear_index, link_up_aliases
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,9 @@ PROC_STATUS = "/proc/self/status"
 CAP_SYS_ADMIN = 21
 #: the kernel's limit on lower layers of one overlay mount (OVL_MAX_STACK)
 OVERLAY_MAX_STACK = 500
-MOUNT_OPTIONS = {"index": "off", "redirect_dir": "off", "metacopy": "off"}
+MOUNT_OPTIONS = {"index": "on", "redirect_dir": "off", "metacopy": "off"}
+#: a read-only mount has no upper dir, so no index
+READONLY_MOUNT_OPTIONS = {**MOUNT_OPTIONS, "index": "off"}
 
 
 def kernel_has_overlay() -> bool:
@@ -123,14 +129,23 @@ class OverlayDriver(UnionDriverBase):
             lowers,
             upper,
             work,
-            options=MOUNT_OPTIONS,
+            options=READONLY_MOUNT_OPTIONS if readonly else MOUNT_OPTIONS,
             readonly=readonly,
             api=self.mount_api,
         )
         log.debug("layer %s: overlay with %d lower(s) via %s", layer_id, len(lowers), used)
 
     def _unmount_stack(self, layer_id: LayerId) -> None:
-        unmount(self.layout.merged_dir(layer_id))
+        merged = self.layout.merged_dir(layer_id)
+        work = self.layout.work_dir(layer_id)
+        writable = layer_id not in self._readonly_mounts
+        if writable:
+            linked = link_up_aliases(merged, self.layout.diff_dir(layer_id), work)
+            if linked:
+                log.debug("layer %s: linked up %d hardlink name(s) into diff/", layer_id, linked)
+        unmount(merged)
+        if writable:
+            clear_index(work)
 
     def _detach_stale(self, mountpoint: Path) -> None:
         unmount(mountpoint, lazy=True)

@@ -113,23 +113,27 @@ UNLIMITED_PROBE_DEPTH = 130  # past 128 lowers, where overlay mount option strin
 
 
 def test_max_depth_enforced(driver: Any, caps: Any) -> None:
-    """The advertised max_depth holds exactly: a chain of that depth works, one deeper is
-    refused with a DriverError and leaves no layer. A driver advertising no limit must take
-    a chain of :data:`UNLIMITED_PROBE_DEPTH` layers and mount its top."""
+    """The advertised max_depth holds exactly: a chain of that many layers (the base counts)
+    mounts, one layer more is refused with a DriverError and leaves no layer. A driver
+    advertising no limit must take a chain of :data:`UNLIMITED_PROBE_DEPTH` layers and mount
+    its top."""
     from graphdrivers.errors import DriverError
 
     limit = caps.max_depth
     depth = limit or UNLIMITED_PROBE_DEPTH
     driver.create("layer-0")
-    for i in range(1, depth + 1):
+    for i in range(1, depth):
         driver.create(f"layer-{i}", f"layer-{i - 1}")
+    top = f"layer-{depth - 1}"
 
     if limit:
+        with driver.mounted(top, readonly=True) as root:
+            assert Path(root).is_dir()
         with pytest.raises(DriverError):
-            driver.create("too-deep", f"layer-{depth}")
+            driver.create("too-deep", top)
         assert not driver.exists("too-deep")
     else:
-        driver.create("one-more", f"layer-{depth}")
+        driver.create("one-more", top)
         with driver.mounted("one-more", readonly=True) as root:
             assert Path(root).is_dir()
 

@@ -201,7 +201,8 @@ class UnionDriverBase(Driver):
         if not self._native_diff_possible(lid, pid):
             log.debug("diff %s against %s: naive", lid, pid)
             return super().diff(lid, pid)
-        return IteratorStream(export_upper(self.layout.diff_dir(lid)))
+        lowers = self.layout.lower_dirs(lid)
+        return IteratorStream(export_upper(self.layout.diff_dir(lid), lowers))
 
     def _apply(self, layer_id: LayerId, parent: LayerId | None, stream: BinaryIO) -> int:
         """Unpack straight into diff/, whiteouts in this driver's format."""

@@ -18,7 +18,12 @@ char 0/0 ``.wh..opq`` (fuse-overlayfs)  ``dir/.wh..wh..opq`` (its opaque marker)
 ======================================  ==================================================
 
 A directory's opaque marker is written once, right after the directory, whichever of these
-marked it. Entries are written with :mod:`graphdrivers.archive.tarformat`'s headers, exactly as
+marked it, and only where it hides something: when the layers below (``lowers``, the parent's
+stack) show a directory at that path. A marker on a directory new to the stack is dropped
+(kernel overlayfs with ``index=on`` marks every directory it creates in a merged one opaque),
+so such a layer's native diff is byte-identical to its naive one.
+
+Entries are written with :mod:`graphdrivers.archive.tarformat`'s headers, exactly as
 :func:`graphdrivers.archive.export_changes` writes them for the naive diff (the same whiteout
 header, hardlinks as typeflag ``1`` to the first name in walk order, the layer xattrs of
 :mod:`graphdrivers.archive.xattrs`), so both diffs apply to the same tree. The union's own
@@ -36,7 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from graphdrivers.archive import tarformat as tf
@@ -73,13 +78,14 @@ CHUNK = 1 << 20
 Links = dict[tuple[int, int], str]
 
 
-def export_upper(upper: Path) -> Iterator[bytes]:
-    """Yield the OCI layer tar of the upper dir ``upper`` (see the module docstring)."""
+def export_upper(upper: Path, lowers: Sequence[Path] = ()) -> Iterator[bytes]:
+    """Yield the OCI layer tar of the upper dir ``upper`` over ``lowers`` (topmost first)."""
     pending: list[bytes] = []
     size = 0
     fd = os.open(upper, DIR_FLAGS)
+    below = LowerView(lowers)
     try:
-        for piece in _walk(fd, "", {}, opaque=False):
+        for piece in _walk(fd, "", {}, opaque=False, below=below):
             pending.append(piece)
             size += len(piece)
             if size >= CHUNK:
@@ -106,7 +112,65 @@ def _is_opaque(dir_fd: int, name: str) -> bool:
     return False
 
 
-def _walk(dir_fd: int, prefix: str, links: Links, *, opaque: bool) -> Iterator[bytes]:
+class LowerView:
+    """Answers whether the merged view of some layer dirs has a directory at a path.
+
+    The layers may hold whiteouts and opaque markers of either format. Only called for opaque
+    directories of the upper, so a few lstat calls per layer are all it costs.
+    """
+
+    def __init__(self, lowers: Sequence[Path]) -> None:
+        self.lowers = list(lowers)
+
+    def has_dir(self, path: str) -> bool:
+        parts = [p for p in path.split("/") if p]
+        for lower in self.lowers:
+            shown, stop = _layer_dir(lower, parts)
+            if shown or stop:
+                return shown
+        return False
+
+
+def _layer_dir(layer: Path, parts: list[str]) -> tuple[bool, bool]:
+    """(a directory at ``parts`` in ``layer``, layers below cannot show it)."""
+    here = layer
+    for i, part in enumerate(parts):
+        try:
+            st = os.lstat(here / part)
+        except FileNotFoundError:
+            if os.path.lexists(here / whiteout_name(part)):
+                return False, True  # an aufs whiteout
+            return False, False
+        if not stat.S_ISDIR(st.st_mode):
+            return False, True  # a whiteout, or a file hiding the path
+        here = here / part
+        if i + 1 < len(parts) and _dir_is_opaque(here) and not _is_dir(here / parts[i + 1]):
+            return False, True  # this layer hides the rest of the path below it
+    return True, False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _dir_is_opaque(path: Path) -> bool:
+    if os.path.lexists(path / WHITEOUT_OPAQUE):
+        return True
+    for attr in OVERLAY_OPAQUE_XATTRS:
+        try:
+            if os.getxattr(path, attr, follow_symlinks=False) == OPAQUE_VALUE:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _walk(
+    dir_fd: int, prefix: str, links: Links, *, opaque: bool, below: LowerView
+) -> Iterator[bytes]:
     """Tar pieces of the entries of the directory ``dir_fd``, whose path is ``prefix``.
 
     ``opaque`` says the directory carries the opaque xattr; the marker files inside it say so
@@ -119,10 +183,14 @@ def _walk(dir_fd: int, prefix: str, links: Links, *, opaque: bool) -> Iterator[b
 
     events: list[tuple[str, str]] = []  # (sort key, name); a key ending in "/" walks into name
     fuse_marker = entries.get(FUSE_OVERLAYFS_OPAQUE)
-    if prefix and (
-        opaque
-        or WHITEOUT_OPAQUE in entries
-        or (fuse_marker is not None and is_overlay_whiteout(fuse_marker))
+    if (
+        prefix
+        and (
+            opaque
+            or WHITEOUT_OPAQUE in entries
+            or (fuse_marker is not None and is_overlay_whiteout(fuse_marker))
+        )
+        and below.has_dir(prefix)
     ):
         events.append((WHITEOUT_OPAQUE, WHITEOUT_OPAQUE))
     for name, st in entries.items():
@@ -145,7 +213,7 @@ def _walk(dir_fd: int, prefix: str, links: Links, *, opaque: bool) -> Iterator[b
         elif is_overlay_whiteout(entries[name]):
             yield _marker(prefix + whiteout_name(name))
         elif key.endswith("/"):
-            yield from _subdirectory(dir_fd, name, prefix, links)
+            yield from _subdirectory(dir_fd, name, prefix, links, below)
         elif stat.S_ISDIR(entries[name].st_mode):
             header = _entry(dir_fd, name, prefix + name + "/", tf.DIRTYPE, entries[name])
             yield tf.encode_header(header)
@@ -153,10 +221,13 @@ def _walk(dir_fd: int, prefix: str, links: Links, *, opaque: bool) -> Iterator[b
             yield from _non_directory(dir_fd, name, prefix + name, entries[name], links)
 
 
-def _subdirectory(dir_fd: int, name: str, prefix: str, links: Links) -> Iterator[bytes]:
+def _subdirectory(
+    dir_fd: int, name: str, prefix: str, links: Links, below: LowerView
+) -> Iterator[bytes]:
     fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     try:
-        yield from _walk(fd, prefix + name + "/", links, opaque=_is_opaque(dir_fd, name))
+        opaque = _is_opaque(dir_fd, name)
+        yield from _walk(fd, prefix + name + "/", links, opaque=opaque, below=below)
     finally:
         os.close(fd)
 
