@@ -292,12 +292,18 @@ class DirOps(UnionBase):
         copyup, wout = self.writable(), self.wout()
         old_fd = copyup.dir_fd(old_parent)
         new_fd = copyup.dir_fd(new_parent)
-        if dst is not None and self._in_upper(new_parent, name_new):
-            if dst.is_dir:
-                fd = self.tree.table.dir_fd(dst, copyup.upper)
-                ly.clear_dir(fd)
-            elif (dst.parent, dst.name) == (new_parent, name_new) and not dst.aliases:
-                self.tree.pin(dst)
+        if dst is not None and dst.is_dir:
+            if self._in_upper(new_parent, name_new):
+                ly.clear_dir(self.tree.table.dir_fd(dst, copyup.upper))
+        elif (
+            dst is not None
+            and (dst.parent, dst.name) == (new_parent, name_new)
+            and not dst.aliases
+        ):
+            # Its last name goes to src: hold the file itself, wherever it lives, or the
+            # SETATTR the kernel sends the replaced inode (its ctime) would copy the lower
+            # file up over src.
+            self.tree.pin(dst)
         if dst is not None:
             self.tree.table.forget_fds(dst)
         if src.is_dir and self.tree.lower_has(new_parent, name_new):

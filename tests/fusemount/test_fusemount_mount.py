@@ -126,6 +126,20 @@ def test_rename_of_a_lower_directory(stack: dict[str, Path]) -> None:
     assert wh.is_overlay_whiteout(d.lstat())
 
 
+def test_rename_of_a_lower_file_over_another_lower_file(stack: dict[str, Path]) -> None:
+    """The replaced file's inode gets a SETATTR (ctime) after the rename; it must not copy
+    the old lower file up over the renamed one."""
+    (stack["l2"] / "over").write_bytes(b"the renamed file")
+    mnt = stack["mnt"]
+    with mounted(mnt, lowers(stack), stack["upper"], stack["work"]):
+        os.rename(mnt / "over", mnt / "a")
+        assert (mnt / "a").read_bytes() == b"the renamed file"
+    assert (stack["upper"] / "a").read_bytes() == b"the renamed file"
+    with mounted(mnt, lowers(stack), stack["upper"], stack["work"]):
+        assert (mnt / "a").read_bytes() == b"the renamed file"
+        assert not (mnt / "over").exists()
+
+
 def test_name_too_long_and_deep_paths(stack: dict[str, Path]) -> None:
     mnt = stack["mnt"]
     # A lower tree deeper than PATH_MAX, built through directory fds.
