@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from graphdrivers.drivers.devmapper.driver import DevmapperDriver
+from graphdrivers.drivers.devmapper.driver import DevmapperDriver, conformance_verify
 from graphdrivers.errors import InvalidOption, NotSupported
 from graphdrivers.fsutil.fstype import mounts_under
 from graphdrivers.thinpool import ThinPool
@@ -134,7 +135,7 @@ def test_remove_frees_the_blocks_of_a_layer(home: Path) -> None:
 CREATOR = textwrap.dedent(
     """
     import sys
-    from graphdrivers.drivers.devmapper.driver import DevmapperDriver
+    from graphdrivers.drivers.devmapper.driver import DevmapperDriver, conformance_verify
     home, options = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:])
     driver = DevmapperDriver(home, options)
     parent = None
@@ -225,3 +226,106 @@ class _suppress:
 
     def __exit__(self, *exc: object) -> bool:
         return True
+
+
+def test_kernel_backend_runs_where_the_kernel_has_dm_thin(home: Path) -> None:
+    """The kernel backend on this host: a real scenario, or a skip naming device-mapper.
+
+    This is the one devicemapper test allowed to skip: the machines this project is tested on
+    have no device-mapper, and the skip says so in its reason.
+    """
+    try:
+        driver = DevmapperDriver(home, {**OPTIONS, "dm.backend": "kernel"})
+    except NotSupported as exc:
+        assert "device-mapper" in exc.missing or "thin-pool" in exc.missing, exc.missing
+        pytest.skip(f"devicemapper kernel backend needs {exc.missing}")
+    try:
+        driver.create("base")
+        driver.create("child", parent="base")
+        with driver.mounted("child") as root:
+            (root / "f").write_text("kernel")
+        with driver.mounted("base") as root:
+            assert not (root / "f").exists()
+    finally:
+        driver.cleanup()
+
+
+def test_conformance_skips_the_kernel_backend_naming_device_mapper(tmp_path: Path) -> None:
+    """What a user sees when running the suite on the kernel backend here: skips with why."""
+    if Path("/dev/mapper/control").exists():
+        pytest.skip("this host has device-mapper: the kernel backend runs instead of skipping")
+    run = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "graphdrivers"),
+            "conformance",
+            "devicemapper",
+            "--home",
+            str(tmp_path / "homes"),
+            "--option",
+            "dm.backend=kernel",
+            "--",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "--basetemp",
+            str(tmp_path / "basetemp"),
+            "-k",
+            "test_create_base or test_remove_missing",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == pytest.ExitCode.OK, run.stdout + run.stderr
+    skips = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skips, run.stdout
+    for line in skips:
+        assert "kernel device-mapper (/dev/mapper/control)" in line, line
+    assert re.search(r"\b2 skipped\b", run.stdout), run.stdout
+
+
+def test_conformance_verify_catches_a_broken_pool(home: Path) -> None:
+    """The hook the suite runs after each check: clean pool passes, a damaged one does not."""
+    driver = open_driver(home)
+    try:
+        driver.create("base")
+        with driver.mounted("base") as root:
+            (root / "f").write_bytes(os.urandom(256 * 1024))
+    finally:
+        driver.cleanup()
+    assert conformance_verify(home) == []
+
+    # A device the driver has no record of: made behind its back.
+    meta, data = pool_files(home)
+    with ThinPool.open(meta, data) as pool:
+        pool.create_thin(999)
+    assert conformance_verify(home) == ["pool devices without a driver record: [999]"]
+    with ThinPool.open(meta, data) as pool:
+        pool.delete(999)
+
+    # A flipped byte in the superblock: both thin_check and our recount object.
+    raw = bytearray(meta.read_bytes())
+    raw[100] ^= 0xFF
+    meta.write_bytes(raw)
+    problems = conformance_verify(home)
+    assert any(p.startswith("thin_check:") for p in problems), problems
+    assert any("checksum" in p and not p.startswith("thin_check") for p in problems), problems
+
+
+def test_benchmark_quick_run(tmp_path: Path) -> None:
+    """benchmarks/bench_devmapper.py --quick prints its ratios and leaves nothing behind."""
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_devmapper.py"
+    run = subprocess.run(
+        [sys.executable, str(bench), "--quick", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"^create_snap: .* ratio \d+\.\d\dx \(target <= 1\.2x\)$", run.stdout, re.M)
+    for what in ("write", "read"):
+        assert re.search(rf"^ext4 {what} 16 MiB: .* ratio \d+\.\d\dx", run.stdout, re.M), (
+            run.stdout
+        )
+    assert list(tmp_path.iterdir()) == []
+    assert mounts_under(tmp_path) == []

@@ -36,15 +36,15 @@ LOW_WATER_MARK = 32768
 
 def check_kernel_thin_pool() -> None:
     """Raise NotSupported unless dmsetup and the kernel's thin-pool target are usable."""
-    if shutil.which("dmsetup") is None:
-        raise NotSupported("tool dmsetup", hint="apt-get install dmsetup", driver="devicemapper")
-    if not MAPPER_CONTROL.exists():
+    if not MAPPER_CONTROL.exists():  # first: without it, dmsetup would not help
         raise NotSupported(
             "kernel device-mapper (/dev/mapper/control)",
             hint="a kernel with CONFIG_BLK_DEV_DM, then modprobe dm_mod; "
             "or use dm.backend=userspace",
             driver="devicemapper",
         )
+    if shutil.which("dmsetup") is None:
+        raise NotSupported("tool dmsetup", hint="apt-get install dmsetup", driver="devicemapper")
     run = subprocess.run(["dmsetup", "targets"], capture_output=True, text=True)
     if "thin-pool" not in run.stdout:
         raise NotSupported(

@@ -71,6 +71,7 @@ class UserspaceBackend:
         self.data = data
         self.mountpoint = pool_dir / DAEMON_MOUNT_DIR
         self.mountpoint.mkdir(mode=0o700, exist_ok=True)
+        self._mount_target = pool_dir.resolve() / DAEMON_MOUNT_DIR  # resolved before mounting
         self._daemon: subprocess.Popen[bytes] | None = None
         self._lock = threading.RLock()
         self._lock_depth = 0
@@ -90,19 +91,33 @@ class UserspaceBackend:
     # ------------------------------------------------------------------ daemon
 
     def daemon_live(self) -> bool:
-        if not any(m.target == self.mountpoint.resolve() for m in mounts_under(self.pool_dir)):
+        """Is a daemon serving the pool? A dead one's mount is cleared on the way.
+
+        Nothing here touches the FUSE mount itself while the daemon's pid answers: every stat
+        of it is a round trip through the daemon, and this is asked before each message.
+        """
+        if not any(m.target == self._mount_target for m in mounts_under(self.pool_dir)):
             return False
+        pid = self._daemon_pid()
+        if pid is not None and _process_alive(pid):
+            return True
         try:
             os.statvfs(self.mountpoint)
         except OSError as exc:
-            if exc.errno == errno.ENOTCONN:  # the daemon died under its mount
-                log.info("thin pool daemon at %s is gone; clearing its mount", self.mountpoint)
-                subprocess.run(
-                    ["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True
-                )
-                return False
-            raise
+            if exc.errno != errno.ENOTCONN:
+                raise
+            log.info("thin pool daemon at %s is gone; clearing its mount", self.mountpoint)
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+            return False
         return True
+
+    def _daemon_pid(self) -> int | None:
+        if self._daemon is not None:
+            return self._daemon.pid
+        try:
+            return int((self.pool_dir / DAEMON_PID_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
 
     def _start_daemon(self) -> None:
         read_fd, write_fd = os.pipe()
