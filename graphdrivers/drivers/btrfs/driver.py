@@ -9,6 +9,8 @@ mount). All kernel work goes through the ioctls of :mod:`.ioctl`; the driver nev
 On-disk layout (the store's part is drawn in :mod:`graphdrivers.store`)::
 
     HOME/                          0710, must be on btrfs  (store: lock, layers/, staging/)
+    ├── stale-qgroups.json         QGROUPS_FILE: ids of deleted subvolumes whose qgroups btrfs
+    │                              would not delete yet (see Quotas); absent when none
     └── subvolumes/                SUBVOLUMES_DIR, 0700, a plain directory
         ├── <base id>/             a subvolume (empty when made: 0755 root:root), read-only
         │   └── ...                while it has children (BTRFS_SUBVOL_RDONLY)
@@ -27,7 +29,9 @@ Quotas. ``storage_opt={"size": "100M"}`` turns btrfs quotas on (once per filesys
 rescan) and sets a limit on the referenced bytes of the layer's level-0 qgroup: a write that
 would pass it fails with ``EDQUOT``. A snapshot references its parent's data, so the limit
 covers the layer's whole content, not only what it adds. Before the layer's subvolume is
-deleted its limit is cleared, and its qgroup deleted when btrfs allows (see Limitations).
+deleted its limit is cleared; after, its qgroup is deleted, which btrfs allows only once its
+cleaner thread has dropped the subvolume: until then the id waits in ``stale-qgroups.json`` and
+is retried at the next remove and at ``cleanup``.
 
 Crash safety. The store's record says ``creating`` before the subvolume is made and ``removing``
 before it is deleted; after either step the driver commits the btrfs transaction
@@ -45,17 +49,20 @@ Limitations:
   make read-only (a layer with children is read-only anyway).
 - A nested subvolume inside a layer is not part of a child's snapshot: the child shows an empty
   directory in its place (btrfs semantics). Nested subvolumes are deleted with their layer.
-- A deleted subvolume's qgroup can only be deleted once btrfs's cleaner has dropped the
-  subvolume, which happens after the layer is gone; the driver clears the limit first and
-  tries, and newer kernels delete such qgroups themselves.
+- A deleted subvolume's qgroup outlives its layer until btrfs's cleaner has dropped the
+  subvolume and the driver's next remove or cleanup deletes it (without a limit meanwhile).
 - Quota accounting slows down snapshot creation and deletion on big filesystems; it is turned
   on only when a layer asks for a size.
+- btrfs stops accounting, and so enforcing limits, when it marks quotas inconsistent (after it
+  drops a big subvolume, for one): the driver starts a rescan after such a remove and waits for
+  it before setting a limit, but between the two, limits set earlier are not enforced.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -69,11 +76,12 @@ from graphdrivers.errors import InvalidOption, LayerNotFound, NotSupported
 from graphdrivers.fsutil.fstype import filesystem_type
 from graphdrivers.fsutil.remove import remove_tree
 from graphdrivers.ids import LayerId
-from graphdrivers.store import LayerRecord, LayerState, make_private_dir
+from graphdrivers.store import LayerRecord, LayerState, atomic_write, make_private_dir
 
 log = logging.getLogger(__name__)
 
 SUBVOLUMES_DIR = "subvolumes"
+QGROUPS_FILE = "stale-qgroups.json"
 EMPTY_ROOT_MODE = 0o755
 OPT_DIFF = "btrfs.diff"
 OPT_READONLY_PARENTS = "btrfs.readonly_parents"
@@ -180,17 +188,22 @@ class BtrfsDriver(Driver):
     def _remove_layer(self, layer_id: LayerId) -> None:
         path = self.layer_path(layer_id)
         record = self.store.get(layer_id)
+        deleted: list[int] = []
         if ioctl.is_subvolume_root(path):
-            self._destroy_subvolume(self.subvolumes_dir, layer_id)
+            self._destroy_subvolume(self.subvolumes_dir, layer_id, deleted)
         else:
             remove_tree(path)  # Limitation: only a plain directory if a crash left one
         with opened(self.subvolumes_dir) as dir_fd:
             ioctl.sync(dir_fd)
+            if deleted:
+                self._rescan_if_inconsistent(dir_fd, wait=False)
+        self._forget_qgroups(deleted)
         if record is not None and record.parent is not None:
             self._settle_readonly(record.parent, leaving=layer_id)
 
-    def _destroy_subvolume(self, where: Path, name: str) -> None:
-        """Delete subvolume ``where/name``, its nested subvolumes first, and its limit."""
+    def _destroy_subvolume(self, where: Path, name: str, deleted: list[int]) -> None:
+        """Delete subvolume ``where/name``, its nested subvolumes first, and clear its limit;
+        append the ids whose qgroups are to be deleted to ``deleted``."""
         path = where / name
         with opened(path) as fd:
             subvol = ioctl.subvolume_id(fd)
@@ -198,27 +211,43 @@ class BtrfsDriver(Driver):
             for ref in ioctl.child_subvolumes(fd, subvol):
                 _, rel = ioctl.ino_lookup(fd, subvol, ref.dirid)
                 log.debug("deleting nested subvolume %s%s in %s", rel, ref.name, path)
-                self._destroy_subvolume(path / rel, ref.name)
+                self._destroy_subvolume(path / rel, ref.name, deleted)
             quota = ioctl.quota_enabled(fd)
             if quota:
                 ioctl.qgroup_limit(fd, ioctl.qgroupid(0, subvol), max_rfer=None)
         with opened(where) as dir_fd:
             ioctl.subvolume_destroy(dir_fd, name)
-            if quota:
-                self._forget_qgroup(dir_fd, subvol)
+        if quota:
+            deleted.append(subvol)
 
-    @staticmethod
-    def _forget_qgroup(fd: int, subvol: int) -> None:
-        try:
-            ioctl.qgroup_destroy(fd, ioctl.qgroupid(0, subvol))
-        except OSError as exc:
-            if exc.errno not in (errno.EBUSY, errno.ENOENT):
-                raise
-            log.debug(
-                "qgroup 0/%d stays until btrfs drops its subvolume (%s)",
-                subvol,
-                errno.errorcode.get(exc.errno or 0, exc.errno),
-            )
+    def _forget_qgroups(self, subvols: list[int]) -> None:
+        """Delete the qgroups of deleted subvolumes. btrfs refuses (EBUSY) until its cleaner has
+        dropped the subvolume; those ids wait in QGROUPS_FILE for the next remove or cleanup."""
+        pending_file = self.home / QGROUPS_FILE
+        pending = set(subvols)
+        with contextlib.suppress(FileNotFoundError):
+            pending.update(json.loads(pending_file.read_text()))
+        if not pending:
+            return
+        left = []
+        with opened(self.subvolumes_dir) as fd:
+            for subvol in sorted(pending):
+                try:
+                    ioctl.qgroup_destroy(fd, ioctl.qgroupid(0, subvol))
+                except OSError as exc:
+                    if exc.errno == errno.EBUSY:
+                        left.append(subvol)
+                    elif exc.errno != errno.ENOENT:
+                        raise
+        if left:
+            log.debug("qgroups of subvolumes %s wait for btrfs's cleaner", left)
+            atomic_write(pending_file, json.dumps(left).encode())
+        else:
+            pending_file.unlink(missing_ok=True)
+
+    def _cleanup(self) -> None:
+        with self.store.lock():
+            self._forget_qgroups([])
 
     # ----------------------------------------------------------------- read-only parents
 
@@ -246,8 +275,21 @@ class BtrfsDriver(Driver):
             if not ioctl.quota_enabled(fd):
                 log.info("enabling btrfs quotas on the filesystem of %s", self.home)
                 ioctl.quota_enable(fd)
-            ioctl.quota_rescan_wait(fd)
+            self._rescan_if_inconsistent(fd, wait=True)
             ioctl.qgroup_limit(fd, ioctl.qgroupid(0, ioctl.subvolume_id(fd)), max_rfer=size)
+
+    @staticmethod
+    def _rescan_if_inconsistent(fd: int, *, wait: bool) -> None:
+        """btrfs stops accounting (and so enforcing limits) when it cannot account a change
+        cheaply, e.g. the drop of a big subvolume, and marks quotas inconsistent until a
+        rescan: start one (and with ``wait``, wait for it, and for one already running)."""
+        ioctl.sync(fd)
+        status = ioctl.quota_status(fd) or 0
+        if status & ioctl.BTRFS_QGROUP_STATUS_FLAG_INCONSISTENT:
+            log.info("btrfs quotas are inconsistent; rescanning")
+            ioctl.quota_rescan(fd)
+        if wait:
+            ioctl.quota_rescan_wait(fd)
 
     def usage(self, layer_id: str) -> ioctl.QgroupUsage | None:
         """The layer's qgroup counters and limit (None while quotas are off)."""

@@ -78,6 +78,9 @@ BTRFS_ROOT_SUBVOL_RDONLY = 1 << 0  # the same fact in root_item.flags (GET_SUBVO
 BTRFS_QGROUP_LIMIT_MAX_RFER = 1 << 0
 BTRFS_QGROUP_LIMIT_MAX_EXCL = 1 << 1
 BTRFS_QUOTA_CTL_ENABLE = 1
+BTRFS_QGROUP_STATUS_FLAG_ON = 1 << 0
+BTRFS_QGROUP_STATUS_FLAG_RESCAN = 1 << 1
+BTRFS_QGROUP_STATUS_FLAG_INCONSISTENT = 1 << 2
 BTRFS_QUOTA_CTL_DISABLE = 2
 
 U64_MAX = 2**64 - 1
@@ -563,23 +566,36 @@ def subvolume_exists(fd: int, subvol_id: int) -> bool:
 # ----------------------------------------------------------------- quotas
 
 
-def quota_enabled(fd: int) -> bool:
-    """True if the filesystem has quotas on: the quota tree holds its QGROUP_STATUS item.
+_QGROUP_STATUS = struct.Struct("<QQQ")  # btrfs_qgroup_status_item: version, generation, flags
 
+
+def quota_status(fd: int) -> int | None:
+    """The ``flags`` of the quota tree's QGROUP_STATUS item, or None when quotas are off.
+
+    ``struct btrfs_qgroup_status_item`` is version, generation, flags, rescan progress. Of the
+    flags, ``BTRFS_QGROUP_STATUS_FLAG_INCONSISTENT`` means the counters are not to be trusted
+    (btrfs stops accounting, and so enforcing limits, after e.g. deleting a big subvolume)
+    until a rescan completes. The item is written at transaction commit: sync first for news.
     Without quotas there is no quota tree, and the search fails with ``ENOENT``.
     """
     try:
-        for _ in tree_search(
+        for item in tree_search(
             fd,
             BTRFS_QUOTA_TREE_OBJECTID,
             min_key=(0, BTRFS_QGROUP_STATUS_KEY, 0),
             max_key=(0, BTRFS_QGROUP_STATUS_KEY, U64_MAX),
             types=frozenset({BTRFS_QGROUP_STATUS_KEY}),
         ):
-            return True
+            _version, _generation, flags = _QGROUP_STATUS.unpack_from(item.data)
+            return int(flags)
     except FileNotFoundError:
-        return False
-    return False
+        return None
+    return None
+
+
+def quota_enabled(fd: int) -> bool:
+    """True if the filesystem has quotas on (the quota tree holds its QGROUP_STATUS item)."""
+    return quota_status(fd) is not None
 
 
 def quota_enable(fd: int) -> None:

@@ -39,6 +39,7 @@ IMAGE_NAME = "btrfs.img"
 MOUNT_NAME = "mnt"
 DEFAULT_SIZE = 2 * 1024**3
 MIN_SIZE = 128 * 1024**2  # mkfs.btrfs refuses much smaller images
+ATTACH_ATTEMPTS = 5
 
 
 def check_loopback_host() -> None:
@@ -81,7 +82,7 @@ def loopback_btrfs(size: int = DEFAULT_SIZE, *, parent: Path | None = None) -> I
             f.truncate(size)
         _run("mkfs.btrfs", "--quiet", "--force", os.fspath(image))
 
-        loopdev = _run("losetup", "--find", "--show", os.fspath(image))
+        loopdev = attach(image)
         undo.callback(detach, loopdev)
         mountpoint = workdir / MOUNT_NAME
         mountpoint.mkdir()
@@ -89,6 +90,22 @@ def loopback_btrfs(size: int = DEFAULT_SIZE, *, parent: Path | None = None) -> I
         undo.callback(unmount, mountpoint)
         log.debug("loopback btrfs of %d bytes on %s at %s", size, loopdev, mountpoint)
         yield mountpoint
+
+
+def attach(image: Path) -> str:
+    """``losetup --find --show``: the first free loop device, attached to ``image``.
+
+    Finding a free device and attaching to it are two steps; another process attaching at the
+    same moment can take the device in between (``EBUSY``), so a few attempts are made.
+    """
+    for attempt in range(1, ATTACH_ATTEMPTS + 1):
+        try:
+            return _run("losetup", "--find", "--show", os.fspath(image))
+        except DriverError as exc:
+            if attempt == ATTACH_ATTEMPTS:
+                raise
+            log.debug("attaching %s failed (%s); trying another loop device", image, exc)
+    raise AssertionError("unreachable")
 
 
 def unmount(mountpoint: Path) -> None:
