@@ -48,6 +48,15 @@ from graphdrivers.store import LayerRecord
 # A driver joins by adding its line.
 CONFORMANCE_DRIVERS: dict[str, tuple[str, dict[str, str]]] = {
     "vfs": ("vfs", {}),
+    "devicemapper": (
+        "devicemapper",
+        {
+            "dm.backend": "userspace",
+            "dm.basesize": "256M",
+            "dm.loopdatasize": "2G",
+            "dm.loopmetadatasize": "32M",
+        },
+    ),
 }
 
 CHECK_MODULES = (
