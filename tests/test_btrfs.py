@@ -15,6 +15,7 @@ import errno
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -559,26 +560,36 @@ def test_loopback_is_removed_when_still_busy() -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, tmpdir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI; with ``tmpdir`` its loopback images go there (TMPDIR), so that what it
+    leaves can be told from other processes' loopback filesystems."""
+    env = dict(os.environ)
+    if tmpdir is not None:
+        env["TMPDIR"] = os.fspath(tmpdir)
     return subprocess.run(
         [sys.executable, "-m", "graphdrivers", *args],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=600,
         check=False,
+        env=env,
     )
 
 
-def _btrfs_mounts() -> set[str]:
-    return {str(m.target) for m in mounts() if m.fstype == "btrfs"}
+def _assert_nothing_left(tmpdir: Path) -> None:
+    """No mount, loop device or file of the CLI's loopback btrfs left under ``tmpdir``."""
+    assert [m.target for m in mounts() if tmpdir in m.target.parents] == []
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True)
+    assert os.fspath(tmpdir) not in loops.stdout
+    assert os.listdir(tmpdir) == []
 
 
-def test_conformance_cli_without_home_makes_its_own_btrfs() -> None:
-    before = _btrfs_mounts()
-    run = _cli("conformance", "btrfs", "--", "-q", "-k", "test_create_snapshot or quota")
+def test_conformance_cli_without_home_makes_its_own_btrfs(tmp_path: Path) -> None:
+    run = _cli("conformance", "btrfs", "--", "-q", "-k", "snapshot", tmpdir=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout
-    assert _btrfs_mounts() == before
+    assert re.search(r"\b[1-9]\d* passed", run.stdout), run.stdout
+    assert "skipped" not in run.stdout and "failed" not in run.stdout, run.stdout
+    _assert_nothing_left(tmp_path)
 
 
 def test_conformance_cli_with_a_btrfs_home(space: Path) -> None:
@@ -587,14 +598,15 @@ def test_conformance_cli_with_a_btrfs_home(space: Path) -> None:
     assert " passed" in run.stdout
 
 
-def test_compare_includes_btrfs() -> None:
-    before = _btrfs_mounts()
-    run = _cli("compare", "--drivers", "btrfs,vfs", "--files", "300", "--no-conformance", "--json")
+def test_compare_includes_btrfs(tmp_path: Path) -> None:
+    args = ("compare", "--drivers", "btrfs,vfs", "--files", "300", "--no-conformance", "--json")
+    run = _cli(*args, tmpdir=tmp_path)
     assert run.returncode == 0, run.stderr
     rows = {r["driver"]: r for r in json.loads(run.stdout)["drivers"]}
     assert rows["btrfs"]["status"] == "ok", rows["btrfs"]
     assert rows["btrfs"]["read_files"] == rows["vfs"]["read_files"] > 0
-    assert _btrfs_mounts() == before
+    assert rows["btrfs"]["disk_bytes"] > 0
+    _assert_nothing_left(tmp_path)
 
 
 def test_doctor_explains_btrfs(tmp_path: Path, space: Path) -> None:
