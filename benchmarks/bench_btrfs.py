@@ -12,7 +12,10 @@ On fresh loopback filesystems (one per driver, so each one's space is its own):
    round to round by a few milliseconds whatever the parent: hence many rounds and medians.
 2. **vfs**: the same 30,000-file parent in a vfs home, on btrfs (where vfs copies with
    reflinks) and on ext4 (full copies), ``--children`` children each, timed the same way.
-3. **disk**: the filesystem's used bytes (statvfs, after a sync) before and after
+3. **changes**: 20 edits (10 files rewritten, 5 added, 5 deleted) in the first child of each
+   parent, then ``changes(child, parent)`` timed with the generation-based method and with the
+   naive walk (``btrfs.diff=naive``); both lists must be equal.
+4. **disk**: the filesystem's used bytes (statvfs, after a sync) before and after
    ``--children`` more children of the large parent, for btrfs and for both vfs homes.
 
 Before each timed create, dirty data is written out (``sync``) so one step's writeback is not
@@ -121,6 +124,10 @@ def bench_btrfs(args: argparse.Namespace, out: dict[str, object]) -> None:
             steps = [(small, "small"), (large, "large")]
             for times, parent in steps if i % 2 == 0 else steps[::-1]:
                 times.append(timed(functools.partial(create, driver, f"{parent}-{i}", parent)))
+        naive = BtrfsDriver(mnt / "home", {"btrfs.diff": "naive"})
+        out["changes"] = {
+            p: bench_changes(driver, naive, f"{p}-0", p, args.rounds) for p in ("small", "large")
+        }
         before = used_bytes(mnt)
         for i in range(args.children):
             driver.create(f"disk-{i}", "large")
@@ -135,6 +142,34 @@ def bench_btrfs(args: argparse.Namespace, out: dict[str, object]) -> None:
             "rounds": args.rounds,
         }
         remove_all(driver)
+
+
+def edit(root: Path) -> None:
+    """20 changes: 10 files rewritten, 5 added, 5 deleted (present in both parents)."""
+    for i in range(10):
+        (root / "d0000" / f"f{i:05d}").write_bytes(b"edited %d" % i)
+    for i in range(5):
+        (root / "d0001" / f"new{i}").write_bytes(b"added")
+        (root / "d0001" / f"f{100 + i:05d}").unlink()
+
+
+def bench_changes(
+    fast: BtrfsDriver, naive: BtrfsDriver, child: str, parent: str, rounds: int
+) -> dict[str, float | int]:
+    """``changes(child, parent)`` after :func:`edit`, generation-based against naive."""
+    edit(fast.layer_path(child))
+    fast_times: list[float] = []
+    naive_times: list[float] = []
+    for _ in range(max(3, rounds // 6)):
+        fast_times.append(timed(functools.partial(fast.changes, child, parent)))
+        naive_times.append(timed(functools.partial(naive.changes, child, parent)))
+    found = fast.changes(child, parent)
+    assert found == naive.changes(child, parent), "generation and naive changes differ"
+    return {
+        "changes": len(found),
+        "generation_s": statistics.median(fast_times),
+        "naive_s": statistics.median(naive_times),
+    }
 
 
 def bench_vfs(args: argparse.Namespace, fs: str, out: dict[str, object]) -> None:
@@ -189,6 +224,14 @@ def main() -> int:
         f"{b['create_large_s'] * 1000:.1f} ms ({args.files} files): {b['ratio']:.2f}x "
         f"(target <= 1.2x: {'met' if b['ratio'] <= 1.2 else 'MISSED'})"
     )
+    changes = out["changes"]
+    assert isinstance(changes, dict)
+    for parent, files in (("small", args.small), ("large", args.files)):
+        c = changes[parent]
+        print(
+            f"changes ({c['changes']} entries) of a child of the {files}-file parent: "
+            f"generation {c['generation_s'] * 1000:.1f} ms, naive {c['naive_s'] * 1000:.1f} ms"
+        )
     for key in [k for k in out if k.startswith("vfs-")]:
         v = out[key]
         assert isinstance(v, dict)

@@ -458,6 +458,14 @@ def test_changed_inodes_are_exactly_the_touched_ones(driver: BtrfsDriver) -> Non
         paths = sorted(p for i in inos for p in findnew.inode_paths(fd, info.id, i))
     assert paths == ["/d03/f07", "/d09/f09"]
 
+    for name in ("f00", "f01"):  # reading moves atimes (relatime: atime <= mtime here)
+        before = os.stat(root / "d04" / name).st_atime_ns
+        (root / "d04" / name).read_bytes()
+        assert os.stat(root / "d04" / name).st_atime_ns > before
+    with opened(root) as fd, opened(driver.layer_path("base")) as base:
+        assert findnew.changed_paths(fd, base, info.otransid) == {"/d03/f07", "/d09/f09"}
+        assert len(findnew.changed_inodes(fd, info.id, info.otransid)) == 4
+
 
 def test_generation_changes_equal_naive_changes(space: Path) -> None:
     """The generation-based changes list equals the naive walk's on a mixed set of edits."""

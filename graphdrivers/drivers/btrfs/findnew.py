@@ -16,7 +16,8 @@ generation. So:
    buffered writes are in the trees;
 2. search C's tree with ``min_transid = T + 1``: the kernel skips every tree block not written
    since the snapshot, and of the inode items it returns we keep those whose own ``transid``
-   is past ``T``; the same for P (a parent may have changed after its child was made);
+   is past ``T``, except those whose only change is the atime (same inode as in the other
+   tree, same ctime); the same for P (a parent may have changed after its child was made);
 3. turn each such inode into its paths through its ``INODE_REF``/``INODE_EXTREF`` items (one
    per hard link: the directory's inode and the name) and ``BTRFS_IOC_INO_LOOKUP`` for the
    directory's path;
@@ -34,9 +35,8 @@ Limitations:
 - Only for a layer against the subvolume it was snapshotted from, and only when neither holds a
   nested subvolume (the search sees one tree); otherwise :func:`changes_since_snapshot` returns
   None and the caller does the naive walk.
-- Reading files in a writable layer moves their atime, which rewrites their inode items: such
-  files are compared for nothing (correct, just slower). A parent made read-only has no atime
-  updates.
+- Reading a layer moves atimes, which rewrites inode items; an inode whose ctime did not move
+  is left out, at the cost of one more tree search for each such inode.
 """
 
 from __future__ import annotations
@@ -58,15 +58,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BTRFS_INODE_EXTREF_KEY = 13
-_INODE_TRANSID = struct.Struct("<8xQ")  # btrfs_inode_item: generation, then transid
+_INODE_GENERATIONS = struct.Struct("<QQ")  # btrfs_inode_item: generation (created), transid
+_CTIME_SLICE = slice(124, 136)  # btrfs_inode_item.ctime: __le64 sec, __le32 nsec (packed)
 _INODE_REF = struct.Struct("<QH")  # btrfs_inode_ref: index, name_len; then the name
 _INODE_EXTREF = struct.Struct("<QQH")  # btrfs_inode_extref: parent, index, name_len; name
 
 
-def changed_inodes(fd: int, tree_id: int, since: int) -> set[int]:
-    """Inode numbers of tree ``tree_id`` whose inode item was written after transaction
-    ``since`` (tree search with ``min_transid``: only blocks written since are read)."""
-    found = set()
+def changed_inodes(fd: int, tree_id: int, since: int) -> dict[int, bytes]:
+    """The inode items of tree ``tree_id`` written after transaction ``since``, by inode
+    number (tree search with ``min_transid``: only blocks written since are read)."""
+    found = {}
     for item in ioctl.tree_search(
         fd,
         tree_id,
@@ -75,10 +76,34 @@ def changed_inodes(fd: int, tree_id: int, since: int) -> set[int]:
         min_transid=since + 1,
         types=frozenset({ioctl.BTRFS_INODE_ITEM_KEY}),
     ):
-        (transid,) = _INODE_TRANSID.unpack_from(item.data)
+        _generation, transid = _INODE_GENERATIONS.unpack_from(item.data)
         if transid > since:
-            found.add(item.objectid)
+            found[item.objectid] = item.data
     return found
+
+
+def inode_item(fd: int, tree_id: int, ino: int) -> bytes | None:
+    """The raw inode item of ``ino`` in tree ``tree_id`` (None if there is no such inode)."""
+    for item in ioctl.tree_search(
+        fd,
+        tree_id,
+        min_key=(ino, ioctl.BTRFS_INODE_ITEM_KEY, 0),
+        max_key=(ino, ioctl.BTRFS_INODE_ITEM_KEY, ioctl.U64_MAX),
+        types=frozenset({ioctl.BTRFS_INODE_ITEM_KEY}),
+    ):
+        return item.data
+    return None
+
+
+def only_atime_moved(item: bytes, other: bytes | None, since: int) -> bool:
+    """True if ``item`` and ``other`` are the same inode as at the snapshot (same creation
+    generation, at most ``since``) and its ctime did not move: every change but an atime
+    update moves the ctime, and userspace cannot set it. Reading files in a layer updates
+    atimes, which would otherwise make every file read count as changed."""
+    if other is None:
+        return False
+    (generation, _), (other_generation, _) = map(_INODE_GENERATIONS.unpack_from, (item, other))
+    return generation == other_generation <= since and item[_CTIME_SLICE] == other[_CTIME_SLICE]
 
 
 def inode_names(fd: int, tree_id: int, ino: int) -> list[tuple[int, bytes]]:
@@ -182,6 +207,20 @@ def changes_since_snapshot(root: Path, parent_root: Path) -> list[Change] | None
         os.close(new_fd)
 
 
+def changed_paths(new_fd: int, old_fd: int, since: int) -> set[str]:
+    """Paths, in either subvolume, of the inodes changed since transaction ``since`` (after a
+    commit, so that the trees hold every change made so far)."""
+    ioctl.sync(new_fd)
+    new_tree, old_tree = ioctl.subvolume_id(new_fd), ioctl.subvolume_id(old_fd)
+    changed: set[str] = set()
+    sides = ((new_fd, new_tree, old_fd, old_tree), (old_fd, old_tree, new_fd, new_tree))
+    for fd, tree, other_fd, other_tree in sides:
+        for ino, item in changed_inodes(fd, tree, since).items():
+            if not only_atime_moved(item, inode_item(other_fd, other_tree, ino), since):
+                changed.update(inode_paths(fd, tree, ino))
+    return changed
+
+
 def _changes(new_fd: int, old_fd: int) -> list[Change] | None:
     new, old = ioctl.subvolume_info(new_fd), ioctl.subvolume_info(old_fd)
     if new.parent_uuid != old.uuid:
@@ -189,13 +228,8 @@ def _changes(new_fd: int, old_fd: int) -> list[Change] | None:
     if ioctl.child_subvolumes(new_fd, new.id) or ioctl.child_subvolumes(old_fd, old.id):
         return None
 
-    ioctl.sync(new_fd)
     since = new.otransid
-    changed: set[str] = set()
-    for fd, tree in ((new_fd, new.id), (old_fd, old.id)):
-        for ino in changed_inodes(fd, tree, since):
-            changed.update(inode_paths(fd, tree, ino))
-
+    changed = changed_paths(new_fd, old_fd, since)
     walk = _PrunedWalk(changed)
     walk.compare(new_fd, old_fd, "")
     walk.changes.sort()
