@@ -1,11 +1,12 @@
 """The pool's metadata as thin-provisioning-tools see it, and checks against them.
 
-``thin_check`` and ``thin_dump`` (Debian package thin-provisioning-tools) read the metadata
-the kernel writes; since the pool writes the same format, they are an outside opinion on it.
-:func:`verify_pool` runs ``thin_check``, our own recount (:mod:`.check`), and compares every
-device's mappings as ``thin_dump`` reads them with the pool's own view; it returns the problems
-found, an empty list when the pool is clean. Run it on committed metadata that no process is
-writing: a pool daemon committing meanwhile can reuse blocks a reader is about to follow.
+``thin_check``, ``thin_dump`` and ``thin_ls`` (Debian package thin-provisioning-tools) read
+the metadata the kernel writes; since the pool writes the same format, they are an outside
+opinion on it. :func:`verify_pool` runs ``thin_check`` and our own recount (:mod:`.check`),
+and compares every device's mappings as ``thin_dump`` reads them, and their number as
+``thin_ls`` counts it, with the pool's own view; it returns the problems found, an empty list
+when the pool is clean. Run it on committed metadata that no process is writing: a pool daemon
+committing meanwhile can reuse blocks a reader is about to follow.
 """
 
 from __future__ import annotations
@@ -68,13 +69,26 @@ def thin_dump_mappings(metadata: Path) -> Mappings:
     return devices
 
 
+def thin_ls_mapped(metadata: Path) -> dict[int, int]:
+    """Device id -> number of mapped blocks, as ``thin_ls`` counts them."""
+    run = subprocess.run(
+        [_tool("thin_ls"), "--no-headers", "-o", "DEV,MAPPED_BLOCKS", str(metadata)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if run.returncode != 0:
+        raise ThinPoolError(f"thin_ls {metadata} failed: {run.stderr.strip()}")
+    return {int(dev): int(n) for dev, n in (line.split() for line in run.stdout.splitlines())}
+
+
 def pool_mappings(pool: ThinPool) -> Mappings:
     """Device id -> {virtual block: data block}, as the pool itself reads its metadata."""
     return {dev: {v: b for v, b, _t in pool.mappings(dev)} for dev in pool.devices()}
 
 
 def verify_pool(metadata: Path, data: Path) -> list[str]:
-    """thin_check, our recount, and thin_dump's mappings against the pool's own view."""
+    """thin_check, our recount, thin_dump's mappings and thin_ls's counts against the pool."""
     problems = thin_check(metadata) + check_pool(metadata)
     if problems:
         return problems
@@ -89,4 +103,8 @@ def verify_pool(metadata: Path, data: Path) -> list[str]:
                 f"device {dev}: thin_dump and the pool disagree on {len(differ)} block(s), "
                 f"first {differ[:5]}"
             )
+    counted = {dev: len(blocks) for dev, blocks in ours.items()}
+    listed = thin_ls_mapped(metadata)
+    if listed != counted:
+        problems.append(f"thin_ls counts mapped blocks {listed}, the pool {counted}")
     return problems

@@ -4,8 +4,8 @@ Once every driver on a home is cleaned up, the pool in it must be at rest and wh
 
 - no pool daemon is left running;
 - ``thin_check`` and our own recount (:func:`graphdrivers.thinpool.check.check_pool`) pass
-  the metadata, and the mappings ``thin_dump`` reads equal the pool's own view of them
-  (:func:`graphdrivers.thinpool.tools.verify_pool`);
+  the metadata, and the mappings ``thin_dump`` reads (and ``thin_ls`` counts) equal the pool's
+  own view of them (:func:`graphdrivers.thinpool.tools.verify_pool`);
 - the pool holds exactly the thin devices the driver has records for: the base device and one
   per layer. A pool transaction left open by a killed process may add (or have already
   deleted) its one device, which the next driver to open the home rolls back.
