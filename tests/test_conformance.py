@@ -48,6 +48,9 @@ from graphdrivers.store import LayerRecord
 # A driver joins by adding its line.
 CONFORMANCE_DRIVERS: dict[str, tuple[str, dict[str, str]]] = {
     "vfs": ("vfs", {}),
+    "union-overlay": ("union", {"whiteout": "overlay"}),
+    "union-aufs": ("union", {"whiteout": "aufs"}),
+    "overlay": ("overlay", {}),
     "devicemapper": (
         "devicemapper",
         {
