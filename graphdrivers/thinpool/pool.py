@@ -505,6 +505,36 @@ class ThinPool:
                 return bytes(self.data_block_bytes)
             return self._read_data(mapping[0])
 
+    def read_into(self, dev_id: int, offset: int, buf: bytearray) -> None:
+        """Fill ``buf`` (zeroed by the caller) from the device at byte ``offset``.
+
+        Runs of virtual blocks mapped to consecutive data blocks are read with one ``preadv``
+        straight into ``buf``; unmapped blocks are left as the caller's zeros. A sequential
+        read of a freshly written device is mostly such runs, so this is one system call per
+        request instead of one per data block and two copies fewer.
+        """
+        size = self.data_block_bytes
+        view = memoryview(buf)
+        with self._lock:
+            run_start = run_disk = run_len = 0
+            done = 0
+            while done < len(buf):
+                vblock, within = divmod(offset + done, size)
+                n = min(len(buf) - done, size - within)
+                mapping = self._lookup(dev_id, vblock)
+                disk = mapping[0] * size + within if mapping is not None else -1
+                if run_len and disk == run_disk + run_len:
+                    run_len += n
+                else:
+                    self._read_run(view, run_start, run_disk, run_len)
+                    run_start, run_disk, run_len = done, disk, n if disk >= 0 else 0
+                done += n
+            self._read_run(view, run_start, run_disk, run_len)
+
+    def _read_run(self, view: memoryview, start: int, disk: int, length: int) -> None:
+        if length:  # a sparse data file may end early: what is not read stays zero
+            os.preadv(self._data_fd, [view[start : start + length]], disk)
+
     def _read_data(self, data_block: int) -> bytes:
         size = self.data_block_bytes
         data = os.pread(self._data_fd, size, data_block * size)
@@ -546,14 +576,8 @@ class ThinDevice:
         self.dev_id = dev_id
 
     def pread(self, length: int, offset: int) -> bytes:
-        size = self.pool.data_block_bytes
-        out = bytearray()
-        while length > 0:
-            vblock, within = divmod(offset, size)
-            n = min(length, size - within)
-            out += self.pool.read_block(self.dev_id, vblock)[within : within + n]
-            offset += n
-            length -= n
+        out = bytearray(length)
+        self.pool.read_into(self.dev_id, offset, out)
         return bytes(out)
 
     def pwrite(self, data: bytes, offset: int) -> int:

@@ -100,7 +100,7 @@ class UserspaceBackend:
         if not any(m.target == self._mount_target for m in mounts_under(self.pool_dir)):
             return False
         pid = self._daemon_pid()
-        if pid is not None and _process_alive(pid):
+        if pid is not None and _process_alive(pid) and _is_pool_daemon(pid):
             return True
         try:
             os.statvfs(self.mountpoint)
@@ -421,6 +421,14 @@ def _wait_loops_detached(path: Path) -> None:
         if time.monotonic() > deadline:
             raise DriverError(f"loop devices over {path} do not detach")
         select.select([], [], [], 0.02)
+
+
+def _is_pool_daemon(pid: int) -> bool:
+    """Is ``pid`` a thindev daemon (and not a process that reused a dead daemon's pid)?"""
+    try:
+        return b"fusemount.thindev" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _process_alive(pid: int) -> bool:
