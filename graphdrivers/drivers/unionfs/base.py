@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, BinaryIO, ClassVar
 
 from graphdrivers.driver import Capabilities, Driver
-from graphdrivers.errors import DriverError, LayerBusy
+from graphdrivers.errors import DriverError, LayerBusy, MountError
 from graphdrivers.fsutil.fstype import filesystem_type, mounts_under
 from graphdrivers.ids import LayerId
 from graphdrivers.store import LayerRecord
@@ -129,8 +129,13 @@ class UnionDriverBase(Driver):
         if len(lowers) < (2 if readonly else 1):
             lowers.append(self.layout.empty_dir)
 
-        self._mount_stack(lid, lowers, readonly)
+        # Owner first: another process's cleanup() must never see this mount unclaimed.
         self.layout.record_owner(lid)
+        try:
+            self._mount_stack(lid, lowers, readonly)
+        except BaseException:
+            self.layout.clear_owner(lid)
+            raise
         if readonly:
             self._readonly_mounts.add(lid)
         else:
@@ -158,7 +163,12 @@ class UnionDriverBase(Driver):
             if self.layout.live_owner(lid) is not None:
                 continue
             log.info("cleanup: unmounting %s", entry.target)
-            self._detach_stale(entry.target)
+            try:
+                self._detach_stale(entry.target)
+            except MountError:
+                if any(e.target == entry.target for e in mounts_under(entry.target)):
+                    raise
+                log.debug("cleanup: %s was unmounted meanwhile", entry.target)
             self.layout.clear_owner(lid)
 
     def _metadata(self, record: LayerRecord) -> dict[str, str]:
