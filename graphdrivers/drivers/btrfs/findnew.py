@@ -35,8 +35,11 @@ Limitations:
 - Only for a layer against the subvolume it was snapshotted from, and only when neither holds a
   nested subvolume (the search sees one tree); otherwise :func:`changes_since_snapshot` returns
   None and the caller does the naive walk.
-- Reading a layer moves atimes, which rewrites inode items; an inode whose ctime did not move
-  is left out, at the cost of one more tree search for each such inode.
+- Reading a layer moves atimes (``relatime``: once after each change), which rewrites inode
+  items and so the tree leaves holding them. An inode whose ctime did not move is left out,
+  but the search still reads those leaves: after a full read of a layer's directories it
+  reads much of the tree (measured in docs/performance.md). A home mounted ``noatime`` avoids
+  this.
 """
 
 from __future__ import annotations
