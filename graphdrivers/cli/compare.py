@@ -11,7 +11,8 @@ For each driver (all registered ones, or ``--drivers a,b``) in a fresh temporary
 6. **diff**: the top layer's tar against its parent, drained (time, bytes);
 7. **disk**: space the home uses: ``st_blocks * 512`` over the unique inodes under it, not
    descending into mountpoints (so a mounted layer is not counted twice);
-8. **conformance** (unless ``--no-conformance``): the suite in a subprocess, its counts.
+8. **conformance** (unless ``--no-conformance``): the suite in a subprocess, its counts;
+   once every driver is measured, ``--jobs`` suites at a time.
 
 Each row also carries the driver's capabilities that shape the trade-off: how deep a stack
 may be (``max depth``; ``-`` for no limit) and whether its diff is native.
@@ -28,6 +29,7 @@ separate inodes (btrfs snapshots); the pool files of devicemapper are counted as
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -76,6 +78,13 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--drivers", metavar="A,B", help="comma-separated drivers (default: all)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-conformance", action="store_true", help="skip the conformance suite")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=max(2, os.cpu_count() or 1),
+        metavar="N",
+        help="conformance suites run side by side, after all timings (default: CPUs, min 2)",
+    )
     p.add_argument("--seed", type=int, default=None, help="workload seed (default: fixed)")
     p.add_argument("--files", type=int, default=None, help="files in the workload's base")
     p.set_defaults(func=run)
@@ -311,6 +320,18 @@ def remove_home(home: Path) -> None:
 # --------------------------------------------------------------------------- conformance
 
 
+def run_conformance_all(names: list[str], jobs: int) -> dict[str, dict[str, int]]:
+    """The suite on every driver of ``names``, ``jobs`` of them at a time.
+
+    The timings are all taken before this runs, so running suites side by side distorts no
+    figure; it pays because much of a suite's time is waiting on mounts and daemons, not CPU.
+    """
+    if not names:
+        return {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return dict(zip(names, pool.map(run_conformance, names), strict=True))
+
+
 def run_conformance(name: str) -> dict[str, int]:
     """Run the suite on ``name`` in a subprocess; the summary counts and its exit code."""
     cmd = [
@@ -455,9 +476,10 @@ def run(args: argparse.Namespace) -> int:
             progress.close()
 
     if not args.no_conformance:
-        for row in rows:
-            if row.available:
-                row.conformance = run_conformance(row.driver)
+        available = [row for row in rows if row.available]
+        verdicts = run_conformance_all([row.driver for row in available], args.jobs)
+        for row in available:
+            row.conformance = verdicts[row.driver]
 
     if args.json:
         print_json(

@@ -84,6 +84,14 @@ def probe(name: str, home: Path, options: dict[str, str]) -> NotSupported | Driv
     with probe_home(home) as scratch:
         try:
             driver = open_driver(name, scratch, options)
+        except NotSupported as exc:
+            # Speak of the user's home, not of the scratch directory the probe made beside it.
+            def real(text: str) -> str:
+                return text.replace(str(scratch), str(home)).replace(
+                    str(scratch.parent), str(hostcheck.existing_ancestor(home))
+                )
+
+            return NotSupported(real(exc.missing), hint=real(exc.hint), driver=exc.driver)
         except DriverError as exc:
             return exc
         try:
@@ -136,7 +144,7 @@ def _verdict_from_probe(report: Report, error: DriverError | None) -> None:
         report.verdict = f"not available: missing {error.missing}"
         if error.missing not in " ".join(report.missing):
             report.missing.insert(0, error.missing)
-        if error.hint and error.hint not in report.hints:
+        if error.hint and not any(h in error.hint or error.hint in h for h in report.hints):
             report.hints.insert(0, error.hint)
     else:
         report.verdict = f"error: {error}"
