@@ -18,6 +18,7 @@ in-memory state, and:
 from __future__ import annotations
 
 import collections
+import os
 from pathlib import Path
 
 from graphdrivers.thinpool.btree import as_u64
@@ -36,14 +37,21 @@ from graphdrivers.thinpool.format import (
 
 
 class _Reader:
+    """Reads the blocks the walk asks for (a metadata file can be gigabytes of mostly holes)."""
+
     def __init__(self, path: Path) -> None:
-        self.data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            self.fd = os.dup(f.fileno())
+        self.size = os.fstat(self.fd).st_size
         self.nodes: dict[int, NodeImage] = {}
 
+    def close(self) -> None:
+        os.close(self.fd)
+
     def block(self, blocknr: int) -> bytes:
-        if (blocknr + 1) * BLOCK_SIZE > len(self.data):
+        if (blocknr + 1) * BLOCK_SIZE > self.size:
             raise MetadataCorrupt(f"block {blocknr} lies past the end of the metadata")
-        return self.data[blocknr * BLOCK_SIZE : (blocknr + 1) * BLOCK_SIZE]
+        return os.pread(self.fd, BLOCK_SIZE, blocknr * BLOCK_SIZE)
 
     def node(self, blocknr: int) -> NodeImage:
         if blocknr not in self.nodes:
@@ -127,9 +135,14 @@ def _space_map_counts(
         except MetadataCorrupt as exc:
             problems.append(f"{what}: {exc}")
             continue
-        for e, value in enumerate(values):
-            if value:
-                counts[i * ENTRIES_PER_BITMAP + e] = value
+        base = i * ENTRIES_PER_BITMAP
+        if any(values):
+            counts.update((base + e, value) for e, value in enumerate(values) if value)
+        if values.count(0) != entry.nr_free:  # the pool skips bitmaps whose index says all free
+            problems.append(
+                f"{what}: index says bitmap {i} has {entry.nr_free} free blocks, "
+                f"it has {values.count(0)}"
+            )
     for block, raw in overflow:
         if counts.get(block) != 3:
             problems.append(
@@ -158,8 +171,15 @@ def _compare(
 
 def check_pool(metadata_path: Path | str) -> list[str]:
     """Problems in the committed metadata of a pool (an empty list when it is clean)."""
-    problems: list[str] = []
     reader = _Reader(Path(metadata_path))
+    try:
+        return _check(reader)
+    finally:
+        reader.close()
+
+
+def _check(reader: _Reader) -> list[str]:
+    problems: list[str] = []
     try:
         sb = Superblock.unpack(reader.block(SUPERBLOCK_LOCATION))
     except MetadataCorrupt as exc:

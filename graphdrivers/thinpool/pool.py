@@ -207,6 +207,8 @@ class ThinPool:
     def _load_counts(self, sm: SpaceMap, bitmaps: list[IndexEntry], overflow_root: int) -> None:
         for i, entry in enumerate(bitmaps):
             n = min(ENTRIES_PER_BITMAP, sm.nr_blocks - i * ENTRIES_PER_BITMAP)
+            if entry.nr_free >= n:
+                continue  # its index entry says all free: a big, young pool opens in O(used)
             counts = unpack_bitmap(self._read_block(entry.blocknr), entry.blocknr, n)
             base = i * ENTRIES_PER_BITMAP
             for e, count in enumerate(counts):

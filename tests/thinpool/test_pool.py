@@ -242,6 +242,22 @@ def test_corrupt_copies_are_caught_by_both_checkers(
     with pytest.raises(MetadataCorrupt):
         ThinPool.open(tmp_path / "bad-superblock", pool_files[1])
 
+    # The metadata index re-sealed to say a used bitmap is all free: a pool trusting it would
+    # skip the bitmap and hand its blocks out again. thin_check 0.9 passes it; ours does not.
+    from graphdrivers.thinpool.format import Superblock, pack_index, unpack_index
+
+    sb = Superblock.unpack(bytes(raw[:4096]))
+    at = sb.metadata_sm.bitmap_root
+    entries = unpack_index(bytes(raw[at * 4096 : (at + 1) * 4096]), at, 1)
+    entries[0].nr_free = 16320
+    copy = bytearray(raw)
+    copy[at * 4096 : (at + 1) * 4096] = pack_index(at, entries)
+    bad = tmp_path / "bad-index"
+    bad.write_bytes(copy)
+    assert thin_check(bad) == []
+    assert any("index says bitmap 0" in p for p in check_pool(bad)), check_pool(bad)
+    assert verify_pool(bad, pool_files[1]) != []
+
 
 def test_many_devices_split_and_rebalance_the_trees(pool_files: tuple[Path, Path]) -> None:
     """Hundreds of devices overflow the details (126 a node) and level-1 (252) leaves;
