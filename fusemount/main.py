@@ -7,7 +7,8 @@ Lifetime (the one place that owns it)::
     fork ──────────────────────> setsid; open layers; pyfuse3.init (mounts)
                                  raise read_ahead_kb; write pidfile
     wait on the readiness pipe <─ "ok" (or the reason it failed)
-    exit 0 (mount is live)       trio.run: one nursery with pyfuse3.main and the signal watcher
+    exit 0 (mount is live)       trio.run: one nursery with pyfuse3.main (its request loop
+                                 trimmed by fusemount.dispatch) and the signal watcher
                                  SIGTERM/SIGINT/SIGHUP -> pyfuse3.terminate
                                  umount / fusermount3 -u -> pyfuse3.main returns
                                  pyfuse3.close(unmount=True); close fds; remove pidfile
@@ -28,7 +29,7 @@ import sys
 import pyfuse3
 import trio
 
-from fusemount import kernel, options
+from fusemount import dispatch, kernel, options
 from fusemount.layers import LayerStack
 from fusemount.ops import UnionOperations
 from fusemount.tree import TreeConfig, UnionTree
@@ -148,6 +149,7 @@ def serve(opts: options.MountOptions, ready_fd: int | None) -> int:
             os.write(ready_fd, READY)
             os.close(ready_fd)
             _detach_stdio()
+        dispatch.install()
         trio.run(_run_session)
     finally:
         pyfuse3.close(unmount=True)
@@ -179,7 +181,7 @@ def _detach_stdio() -> None:
 async def _run_session() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals)
-        await pyfuse3.main()
+        await pyfuse3.main(min_tasks=1, max_tasks=dispatch.MAX_TASKS)
         nursery.cancel_scope.cancel()
 
 
