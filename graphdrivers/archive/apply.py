@@ -240,8 +240,7 @@ class _Applier:
         try:
             found = self.resolver.dir(dir_parts, create=create)
         except NotADirectory:
-            if create:
-                raise
+            # A file or symlink at a parent hides everything below it in every format already.
             found = None
         if found is None:
             log.debug(
@@ -264,8 +263,13 @@ class _Applier:
     def _aufs_marker(self, parts: Parts, entry: tf.TarEntry, reader: tf.TarReader) -> None:
         """Write an aufs marker file as it is; a whiteout first removes its name if only
         markers of this layer made it (``foo/.wh.bar`` before ``.wh.foo``)."""
+        try:
+            parent = self.resolver.dir(parts[:-1], create=True)
+        except NotADirectory:
+            log.debug("marker %s below a non-directory hides nothing; left out", "/".join(parts))
+            return
         if parts[-1] != WHITEOUT_OPAQUE:
-            found = self.resolver.dir(parts[:-1], create=True)
+            found = parent
             assert found is not None
             dir_fd, real = found
             name = whited_out_name(parts[-1])

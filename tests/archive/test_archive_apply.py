@@ -367,6 +367,38 @@ def test_whiteout_below_own_whiteout(tmp_path: Path, order: str) -> None:
             assert found == [".wh.foo"], found
 
 
+# A layer that turns a directory into a file or a symlink and whites out a name below it (as
+# umoci writes debian-minbase's /usr/share/zoneinfo): the marker hides nothing more.
+NOT_A_DIR_ANY_MORE = {
+    "file-first": [reg("z", b"now a file"), reg("z/.wh.a"), symlink("s", "z"), reg("s/.wh.b")],
+    "marker-first": [reg("z/.wh.a"), reg("z", b"now a file"), reg("s/.wh.b"), symlink("s", "z")],
+}
+
+
+@pytest.mark.parametrize("order", sorted(NOT_A_DIR_ANY_MORE))
+@pytest.mark.parametrize("mode", ["delete", "overlay", "aufs"])
+def test_whiteout_below_a_name_this_layer_made_a_file(
+    tmp_path: Path, order: str, mode: str
+) -> None:
+    """Every mode keeps the layer's own file and symlink and nothing below them."""
+    root = tmp_path / "root"
+    root.mkdir()
+    if mode == "delete":  # the tree of the layer below, changed in place
+        for d in ("z", "s"):
+            (root / d).mkdir()
+            (root / d / "a").write_text("lower")
+            (root / d / "b").write_text("lower")
+    outside = tmp_path / "victim"
+    outside.write_text("untouched")
+
+    apply_bytes(root, make_tar(NOT_A_DIR_ANY_MORE[order]), whiteouts=mode)
+
+    assert names(root) == ["s", "z"]
+    assert (root / "z").read_bytes() == b"now a file"
+    assert os.readlink(root / "s") == "z"
+    assert outside.read_text() == "untouched"
+
+
 def test_union_xattrs_in_a_tar_are_not_applied(tmp_path: Path) -> None:
     info, data = reg("f", b"x")
     info.pax_headers = {
