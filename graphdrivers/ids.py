@@ -19,8 +19,9 @@ LayerId = NewType("LayerId", str)
 LAYER_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 _LAYER_ID_RE = re.compile(LAYER_ID_PATTERN)
 
-# Names every driver's home uses for its own bookkeeping (see graphdrivers.store).
-STORE_RESERVED = frozenset({"layers", "lock", "staging"})
+# Names every driver's home uses for its own bookkeeping (see graphdrivers.store), and the
+# command line's mount records (graphdrivers.cli.common), which sit beside the layers.
+STORE_RESERVED = frozenset({"layers", "lock", "staging", "cli-mounts.json"})
 
 
 def validate_layer_id(layer_id: object, reserved: Iterable[str] = ()) -> LayerId:

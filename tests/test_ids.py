@@ -38,7 +38,7 @@ def test_invalid_ids_are_refused_with_the_grammar(bad: str) -> None:
         validate_layer_id(bad)
 
 
-@pytest.mark.parametrize("reserved", ["layers", "lock", "staging"])
+@pytest.mark.parametrize("reserved", ["layers", "lock", "staging", "cli-mounts.json"])
 def test_store_names_are_reserved(reserved: str) -> None:
     with pytest.raises(InvalidLayerId, match="reserved"):
         validate_layer_id(reserved)
