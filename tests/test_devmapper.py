@@ -147,6 +147,94 @@ def test_remove_frees_the_blocks_of_a_layer(home: Path) -> None:
     assert_pool_consistent(home)
 
 
+def test_a_home_keeps_the_pool_settings_it_was_made_with(home: Path) -> None:
+    """Regression: options given to an existing home were silently ignored, and ``status``
+    reported the options instead of the pool."""
+    open_driver(home, **{"dm.basesize": "64M"}).cleanup()
+
+    # Opened with no size options: the home's own sizes, read from its records and pool.
+    driver = DevmapperDriver(home, {"dm.backend": "userspace"})
+    try:
+        status = driver.status().extra
+        assert status["Base Device Size"] == str(64 * 1024**2)
+        assert status["Data Space Total"] == str(2 * 1024**3)
+        assert status["Metadata Space Total"] == str(32 * 1024**2)
+        driver.create("c")
+        assert driver.metadata("c")["DeviceSize"] == str(64 * 1024**2)
+        with driver.mounted("c") as root:
+            assert shutil.disk_usage(root).total < 64 * 1024**2
+    finally:
+        driver.cleanup()
+
+    refused = {
+        "dm.loopdatasize": ("50G", "dm.loopdatasize=50G (the home has 2G)"),
+        "dm.loopmetadatasize": ("1G", "dm.loopmetadatasize=1G (the home has 32M)"),
+        "dm.blocksize": ("128K", "dm.blocksize=128K (the home has 64K)"),
+        "dm.basesize": ("32M", "smaller than the home's base device (64M); it can only grow"),
+        "dm.mkfsarg": ("-O ^has_journal", "dm.mkfsarg='-O ^has_journal' (the home has '')"),
+    }
+    for option, (value, says) in refused.items():
+        with pytest.raises(InvalidOption) as caught:
+            DevmapperDriver(home, {**OPTIONS, "dm.basesize": "64M", option: value})
+        assert says in str(caught.value)
+        assert "was made with dm.basesize=64M dm.loopdatasize=2G" in str(caught.value)
+        assert "new home directory" in str(caught.value)
+    assert not (home / "devicemapper" / "daemon.pid").exists()
+    assert_pool_consistent(home)
+
+
+def test_a_bigger_basesize_grows_the_base_device_for_new_layers(home: Path) -> None:
+    driver = open_driver(home, **{"dm.basesize": "64M"})
+    try:
+        driver.create("old")
+    finally:
+        driver.cleanup()
+
+    driver = open_driver(home, **{"dm.basesize": "192M"})
+    try:
+        assert driver.status().extra["Base Device Size"] == str(192 * 1024**2)
+        driver.create("new")
+        driver.create("new-child", parent="new")
+        sizes = {layer: int(driver.metadata(layer)["DeviceSize"]) for layer in ("old", "new")}
+        assert sizes == {"old": 64 * 1024**2, "new": 192 * 1024**2}
+        with driver.mounted("old") as root:
+            old_total = shutil.disk_usage(root).total
+        with driver.mounted("new-child") as root:
+            assert shutil.disk_usage(root).total > 2.5 * old_total
+            (root / "f").write_bytes(os.urandom(100 * 1024 * 1024))  # more than 64M fits
+    finally:
+        driver.cleanup()
+
+    driver = open_driver(home, **{"dm.basesize": "192M"})  # the same size again: no change
+    try:
+        assert driver.status().extra["Base Device Size"] == str(192 * 1024**2)
+    finally:
+        driver.cleanup()
+    assert_pool_consistent(home)
+
+
+@pytest.mark.expect_warnings
+def test_a_data_file_bigger_than_the_free_space_is_warned_of_once(
+    home: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96M", "tmpfs", str(small)], check=True)
+    try:
+        options = {**OPTIONS, "dm.basesize": "32M", "dm.loopmetadatasize": "8M"}
+        caplog.set_level("WARNING", logger="graphdrivers")
+        DevmapperDriver(small / "home", options).cleanup()
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1, warnings
+        assert "sparse 2G" in warnings[0] and "dm.loopdatasize" in warnings[0], warnings
+
+        caplog.clear()
+        DevmapperDriver(small / "home", options).cleanup()  # an existing pool: no warning
+        assert [r for r in caplog.records if r.levelname == "WARNING"] == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
 CREATOR = textwrap.dedent(
     """
     import sys

@@ -22,7 +22,8 @@ On-disk layout (the store's part is drawn in :mod:`graphdrivers.store`)::
     ├── metadata/                   DEVICES_DIR
     │   ├── base                    DeviceRecord of the base device
     │   ├── <id>.device             DeviceRecord: device_id, size, transaction_id, initialized
-    │   ├── deviceset-metadata      next_device_id, base filesystem
+    │   ├── deviceset-metadata      next_device_id, base filesystem, pool: the settings the
+    │   │                           home was made with (sizes, block size, devices, mkfs args)
     │   └── transaction-metadata    open_transaction_id, device_id: the pool message under way
     └── mnt/<id>/                   MOUNTS_DIR: the mounted filesystem; the layer is rootfs/
 
@@ -31,6 +32,12 @@ transaction (the pool's transaction id + 1 and the device id), then sends the me
 the device record, and closes the transaction with ``set_transaction_id``. A driver opened after
 a crash finds the transaction still open and rolls it back: the half-made device is deleted from
 the pool. The store's layer records then remove the layer itself.
+
+The pool options (``dm.loopdatasize``, ``dm.loopmetadatasize``, ``dm.blocksize``,
+``dm.datadev``, ``dm.metadatadev``, ``dm.mkfsarg``) take effect when the home is made and are
+recorded in ``deviceset-metadata``; a later open without them uses the home's own, and one that
+contradicts them is refused with InvalidOption. ``dm.basesize`` may grow (new layers without a
+parent get the bigger device, as moby's ``growFS``); asking for a smaller one is refused.
 
 Limitations:
 
@@ -87,10 +94,20 @@ DEFAULT_BASE_SIZE = 10 * 1024**3
 DEFAULT_DATA_SIZE = 100 * 1024**3
 DEFAULT_METADATA_SIZE = 2 * 1024**3
 DEFAULT_BLOCK_SECTORS = 128
+METADATA_BLOCK_SIZE = 4096
+#: deviceset-metadata keys of the settings a home was made with
+POOL_SETTINGS_KEY = "pool"
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
 
 _SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+#: option -> key in the recorded pool settings, for those compared as sizes
+_SIZE_OPTIONS = {
+    "dm.loopdatasize": "data_size",
+    "dm.loopmetadatasize": "metadata_size",
+}
+#: option -> key in the recorded pool settings, for those compared as text
+_TEXT_OPTIONS = {"dm.datadev": "datadev", "dm.metadatadev": "metadatadev", "dm.mkfsarg": "mkfsarg"}
 
 
 def parse_size(text: str, what: str) -> int:
@@ -104,6 +121,23 @@ def parse_size(text: str, what: str) -> int:
     if size <= 0:
         raise InvalidOption(f"{what}={text!r} must be positive")
     return size
+
+
+def format_size(size: int) -> str:
+    """Bytes -> the shortest exact option text (``"64M"``), as a user would write it."""
+    for suffix in "TGMK":
+        unit = _SIZE_SUFFIXES[suffix.lower()]
+        if size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return str(size)
+
+
+def parse_block_sectors(text: str) -> int:
+    """``dm.blocksize`` (``"64K"``) -> 512-byte sectors, as the pool records its block size."""
+    size = parse_size(text, "dm.blocksize")
+    if size % 512:
+        raise InvalidOption(f"dm.blocksize={text!r} is not a multiple of 512 bytes")
+    return size // 512
 
 
 class PoolBackend(Protocol):
@@ -191,33 +225,123 @@ class DevmapperDriver(Driver):
         self.mounts_dir = self.home / MOUNTS_DIR
         for path in (self.pool_dir, self.devices_dir, self.mounts_dir):
             make_private_dir(path)
-        self.base_size = parse_size(
-            self.options.get("dm.basesize", str(DEFAULT_BASE_SIZE)), "dm.basesize"
-        )
-        self.backend = self._make_backend()
+        recorded = self._deviceset().get(POOL_SETTINGS_KEY)
+        base = self._device(BASE_RECORD, internal=True)
+        if recorded is not None:
+            self._refuse_contradictions(recorded, base)
+        requested = self._requested_settings(recorded)
+        self.base_size = requested["base_size"]
+        if base is not None and "dm.basesize" not in self.options:
+            self.base_size = base.size  # the home's own, grown or not
+        self.backend = self._make_backend(requested)
         self._frozen: set[LayerId] = set()
-        self._roll_back_open_transaction()
-        self._init_base_device()
+        try:
+            self._open_pool(recorded, base)
+        except BaseException:
+            self.backend.shutdown()
+            raise
 
-    def _make_backend(self) -> PoolBackend:
+    def _open_pool(self, recorded: dict[str, Any] | None, base: DeviceRecord | None) -> None:
+        """Recover, make the base device of a new home, grow it if asked; record the settings."""
+        self._roll_back_open_transaction()
+        if recorded is None:  # a new home, or one made before settings were recorded
+            recorded = self._settings_from_pool(self._requested_settings(None))
+            if base is not None and base.initialized:
+                self._refuse_contradictions(recorded, base)
+        self._init_base_device()
+        base = self._device(BASE_RECORD, internal=True)
+        assert base is not None
+        if self.base_size > base.size:
+            self._grow_base_device(base, self.base_size)
+        self._save_settings({**recorded, "base_size": self.base_size})
+
+    def _requested_settings(self, recorded: dict[str, Any] | None) -> dict[str, Any]:
+        """The pool settings the options ask for; the recorded (or default) ones where unset."""
         opts = self.options
-        block = int(opts.get("dm.blocksize", "64K").lower().rstrip("kib") or 64) * 2
-        data = Path(opts["dm.datadev"]) if "dm.datadev" in opts else self.pool_dir / DATA_FILE
+        defaults: dict[str, Any] = recorded or {
+            "base_size": DEFAULT_BASE_SIZE,
+            "data_size": DEFAULT_DATA_SIZE,
+            "metadata_size": DEFAULT_METADATA_SIZE,
+            "block_sectors": DEFAULT_BLOCK_SECTORS,
+            "datadev": "",
+            "metadatadev": "",
+            "mkfsarg": "",
+        }
+        settings = dict(defaults)
+        for option, key in {"dm.basesize": "base_size", **_SIZE_OPTIONS}.items():
+            if option in opts:
+                settings[key] = parse_size(opts[option], option)
+        if "dm.blocksize" in opts:
+            settings["block_sectors"] = parse_block_sectors(opts["dm.blocksize"])
+        for option, key in _TEXT_OPTIONS.items():
+            settings[key] = opts.get(option, settings[key])
+        return settings
+
+    def _refuse_contradictions(self, recorded: dict[str, Any], base: DeviceRecord | None) -> None:
+        """InvalidOption for an option this existing home cannot take (a bigger base is fine)."""
+        wanted = self._requested_settings(recorded)
+        base_size = base.size if base is not None else recorded["base_size"]
+        problems = []
+        if wanted["base_size"] < base_size:
+            problems.append(
+                f"dm.basesize={self.options['dm.basesize']} is smaller than the home's base "
+                f"device ({format_size(base_size)}); it can only grow"
+            )
+        for option, key in (*_SIZE_OPTIONS.items(), ("dm.blocksize", "block_sectors")):
+            if option in self.options and wanted[key] != recorded[key]:
+                had = recorded[key] * 512 if key == "block_sectors" else recorded[key]
+                problems.append(
+                    f"{option}={self.options[option]} (the home has {format_size(had)})"
+                )
+        for option, key in _TEXT_OPTIONS.items():
+            if option in self.options and wanted[key] != recorded[key]:
+                problems.append(
+                    f"{option}={self.options[option]!r} (the home has {recorded[key]!r})"
+                )
+        if problems:
+            raise InvalidOption(
+                f"devicemapper home {self.home} was made with {_describe(recorded, base_size)}; "
+                f"it cannot take {'; '.join(problems)}. Open it without these options, or give "
+                "a new home directory to make a pool with them"
+            )
+
+    def _settings_from_pool(self, requested: dict[str, Any]) -> dict[str, Any]:
+        """The settings of the pool as it is: sizes read from the pool, the rest as asked."""
+        status = self.backend.status()
+        block_sectors = int(status.get("Data Block Size (sectors)", requested["block_sectors"]))
+        data_blocks = int(status["Data Blocks Used/Total"].split("/")[1])
+        meta_blocks = int(status["Metadata Blocks Used/Total"].split("/")[1])
+        return {
+            **requested,
+            "data_size": data_blocks * block_sectors * 512,
+            "metadata_size": meta_blocks * METADATA_BLOCK_SIZE,
+            "block_sectors": block_sectors,
+        }
+
+    def _save_settings(self, settings: dict[str, Any]) -> None:
+        deviceset = self._deviceset()
+        if deviceset.get(POOL_SETTINGS_KEY) == settings:
+            return
+        deviceset[POOL_SETTINGS_KEY] = settings
+        atomic_write(
+            self._record_path(DEVICESET_FILE, internal=True), json.dumps(deviceset).encode()
+        )
+
+    def _make_backend(self, settings: dict[str, Any]) -> PoolBackend:
+        data = Path(settings["datadev"]) if settings["datadev"] else self.pool_dir / DATA_FILE
         meta = (
-            Path(opts["dm.metadatadev"])
-            if "dm.metadatadev" in opts
+            Path(settings["metadatadev"])
+            if settings["metadatadev"]
             else self.pool_dir / METADATA_FILE
         )
+        if not data.exists():
+            self._warn_if_bigger_than_disk(data, settings["data_size"])
         sizes: dict[str, Any] = {
-            "data_size": parse_size(
-                opts.get("dm.loopdatasize", str(DEFAULT_DATA_SIZE)), "dm.loopdatasize"
-            ),
-            "metadata_size": parse_size(
-                opts.get("dm.loopmetadatasize", str(DEFAULT_METADATA_SIZE)), "dm.loopmetadatasize"
-            ),
-            "block_sectors": block,
+            "data_size": settings["data_size"],
+            "metadata_size": settings["metadata_size"],
+            "block_sectors": settings["block_sectors"],
         }
-        choice = opts.get("dm.backend", "auto")
+        choice = self.options.get("dm.backend", "auto")
         if choice in ("auto", "kernel"):
             from graphdrivers.drivers.devmapper.kernel import KernelBackend
 
@@ -231,6 +355,19 @@ class DevmapperDriver(Driver):
         from graphdrivers.drivers.devmapper.userspace import UserspaceBackend
 
         return UserspaceBackend(self.pool_dir, meta, data, **sizes)
+
+    def _warn_if_bigger_than_disk(self, data: Path, size: int) -> None:
+        """Say so, once, when a new sparse data file could outgrow the filesystem it is on."""
+        free = shutil.disk_usage(data.parent).free
+        if size > free:
+            log.warning(
+                "the pool's data file %s is a sparse %s, but its filesystem has only %s free: "
+                "writes to layers can fill the disk before the pool is full; set the size with "
+                "dm.loopdatasize (or give a device with dm.datadev)",
+                data,
+                format_size(size),
+                format_size(free - free % 1024**2),
+            )
 
     # ----------------------------------------------------------------- device records
 
@@ -331,11 +468,29 @@ class DevmapperDriver(Driver):
             internal=True,
         )
 
+    def _grow_base_device(self, base: DeviceRecord, size: int) -> None:
+        """Grow the base device and its ext4 to ``size``: new layers without a parent get it.
+
+        The record says ``initialized=False`` while the filesystem grows, so a crash midway
+        leaves a base device that the next open deletes and makes afresh at the asked size
+        (layers are snapshots: they do not need their origin).
+        """
+        self._save_device(
+            BASE_RECORD, dataclasses.replace(base, size=size, initialized=False), internal=True
+        )
+        self._grow_filesystem(LayerId(BASE_RECORD), BASE_DEVICE_ID, size)
+        self._save_device(
+            BASE_RECORD, dataclasses.replace(base, size=size, initialized=True), internal=True
+        )
+        log.info("grew the base device from %d to %d bytes", base.size, size)
+
     def _make_base_filesystem(self) -> None:
         """ext4 with an empty ``rootfs``, made on a scratch file and copied into the device."""
         image = self.pool_dir / BASE_IMAGE_FILE
         try:
-            make_ext4_image(image, self.base_size, self.options.get("dm.mkfsarg", "").split())
+            recorded = self._deviceset().get(POOL_SETTINGS_KEY)
+            mkfs_args = self._requested_settings(recorded)["mkfsarg"].split()
+            make_ext4_image(image, self.base_size, mkfs_args)
             self.backend.write_image(BASE_DEVICE_ID, self.base_size, image)
         finally:
             image.unlink(missing_ok=True)
@@ -434,6 +589,10 @@ class DevmapperDriver(Driver):
         with contextlib.suppress(OSError):
             target.rmdir()
 
+    def _mount_present(self, layer_id: LayerId) -> bool | None:
+        target = (self.mounts_dir / layer_id).resolve()
+        return any(m.target == target for m in mounts_under(self.mounts_dir))
+
     def _cleanup(self) -> None:
         for mount in mounts_under(self.mounts_dir):
             if mount.target != self.mounts_dir.resolve():
@@ -463,9 +622,14 @@ class DevmapperDriver(Driver):
 
     def _status_extra(self) -> dict[str, str]:
         extra = dict(self.backend.status())
-        extra["Base Device Size"] = str(self.base_size)
+        base = self._device(BASE_RECORD, internal=True)
+        settings = self._deviceset().get(POOL_SETTINGS_KEY, {})
+        extra["Base Device Size"] = str(base.size if base is not None else self.base_size)
         extra["Backing Filesystem"] = "ext4"
-        if "dm.datadev" not in self.options:
+        if settings:
+            extra["Data Space Total"] = str(settings["data_size"])
+            extra["Metadata Space Total"] = str(settings["metadata_size"])
+        if not settings.get("datadev"):
             extra["Data loop file"] = "sparse file (the easy, slow set-up; dm.datadev is faster)"
         return extra
 
@@ -473,6 +637,18 @@ class DevmapperDriver(Driver):
         return Capabilities(
             native_diff=False, reproducible_diff=True, quota=True, supports_devices=True
         )
+
+
+def _describe(settings: dict[str, Any], base_size: int) -> str:
+    """The options that would make a home like the one ``settings`` records."""
+    words = [
+        f"dm.basesize={format_size(base_size)}",
+        f"dm.loopdatasize={format_size(settings['data_size'])}",
+        f"dm.loopmetadatasize={format_size(settings['metadata_size'])}",
+        f"dm.blocksize={format_size(settings['block_sectors'] * 512)}",
+    ]
+    words += [f"{opt}={settings[key]!r}" for opt, key in _TEXT_OPTIONS.items() if settings[key]]
+    return " ".join(words)
 
 
 def _run(args: list[str], what: str, ok: tuple[int, ...] = (0,)) -> None:
