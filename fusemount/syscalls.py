@@ -9,14 +9,15 @@ the old name, the overlay whiteout, in the same step as the move).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# The running program's own symbols include libc's; ctypes.util.find_library("c") would run
+# ldconfig in a subprocess at every daemon start.
+_libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
