@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -31,6 +31,7 @@ from graphdrivers.drivers.unionfs.layout import DAEMON_PID_FILE, LINK_DIR, Union
 from graphdrivers.drivers.unionfs.nativediff import export_upper
 from graphdrivers.errors import InvalidOption, LayerHasChildren, NotMounted
 from graphdrivers.fsutil.fstype import mounts_under
+from graphdrivers.ids import LayerId
 from graphdrivers.whiteout import OVERLAY_OPAQUE_XATTR, WHITEOUT_OPAQUE
 
 pytestmark = [
@@ -95,7 +96,7 @@ def test_layout_and_base_root(driver: UnionDriver, home: Path) -> None:
     driver.create("child", "base")
     st = os.stat(home / "base/diff")
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0)
-    short = UnionLayout(home).short_name("base")
+    short = UnionLayout(home).short_name(LayerId("base"))
     assert os.readlink(home / LINK_DIR / short) == "../base/diff"
     assert (home / "child/lower").read_text() == f"l/{short}"
 
@@ -254,6 +255,52 @@ def test_options_are_checked(home: Path) -> None:
         UnionDriver(home, {"mount_program": "fuse-overlayfs", "whiteout": "aufs"})
     with pytest.raises(InvalidOption):
         UnionDriver(home, {"mount_program": "no-such-program-here"})
+
+
+@pytest.mark.parametrize("made_with", FORMATS)
+def test_a_home_keeps_the_whiteout_format_it_was_made_with(home: Path, made_with: str) -> None:
+    """Regression: an aufs home opened without the option wrote overlay whiteouts into it."""
+    other = "overlay" if made_with == "aufs" else "aufs"
+    driver = UnionDriver(home, {"whiteout": made_with})
+    try:
+        driver.create("base")
+        with driver.mounted("base") as root:
+            write(root, "gone", "x")
+    finally:
+        driver.cleanup()
+    assert (home / ".whiteout-format").read_text() == f"{made_with}\n"
+
+    driver = UnionDriver(home)  # no option: the home's own format, whatever the default
+    try:
+        assert driver.whiteout_format == made_with
+        assert driver.status().extra["whiteout_format"] == made_with
+        driver.create("child", "base")
+        with driver.mounted("child") as root:
+            os.unlink(root / "gone")
+    finally:
+        driver.cleanup()
+    diff = home / "child" / "diff"
+    if made_with == "aufs":
+        assert os.listdir(diff) == [".wh.gone"]
+    else:
+        assert os.listdir(diff) == ["gone"]
+        assert stat.S_ISCHR(os.lstat(diff / "gone").st_mode)
+
+    with pytest.raises(InvalidOption) as caught:
+        UnionDriver(home, {"whiteout": other})
+    message = str(caught.value)
+    assert f"whiteout={other} contradicts" in message
+    assert f"made with whiteout={made_with}" in message
+    assert (home / ".whiteout-format").read_text() == f"{made_with}\n"
+    assert mounts_under(home) == []
+
+
+def test_an_aufs_home_refuses_a_program_writing_overlay_whiteouts(home: Path) -> None:
+    UnionDriver(home, {"whiteout": "aufs"}).cleanup()
+    if shutil.which("fuse-overlayfs") is None:
+        pytest.skip("tool fuse-overlayfs")
+    with pytest.raises(InvalidOption, match="whiteout=aufs needs fusemount"):
+        UnionDriver(home, {"mount_program": "fuse-overlayfs"})
 
 
 def test_status_names_the_format(driver: UnionDriver, whiteout: str) -> None:
@@ -442,10 +489,11 @@ def test_a_deep_chain_reads_every_layer(driver: UnionDriver) -> None:
     parent = None
     for i in range(depth):
         driver.create(f"l{i}", parent)
-        diff = UnionLayout(driver.home).diff_dir(f"l{i}")
+        diff = UnionLayout(driver.home).diff_dir(LayerId(f"l{i}"))
         (diff / "top-id").write_text(f"l{i}")
         (diff / f"layer-{i}").write_text(parent or "")
         parent = f"l{i}"
+    assert parent is not None
     with driver.mounted(parent) as root:
         assert (root / "top-id").read_text() == parent
         assert (root / "layer-0").read_text() == ""
@@ -467,7 +515,7 @@ def reference_stack(driver: Driver) -> None:
 
 
 def test_same_merged_tree_as_fuse_overlayfs_and_kernel_overlay(tmp_path: Path) -> None:
-    makers = {
+    makers: dict[str, Callable[[Path], Driver]] = {
         "fusemount": lambda h: UnionDriver(h, {"whiteout": "overlay"}),
         "fuse-overlayfs": lambda h: UnionDriver(h, {"mount_program": "fuse-overlayfs"}),
     }

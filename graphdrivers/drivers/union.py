@@ -26,7 +26,10 @@ Driver options:
     ``overlay`` (character device 0/0 and the ``trusted.overlay.opaque`` xattr, as kernel
     overlayfs) or ``aufs`` (``.wh.<name>`` files and ``.wh..wh..opq``, which need no CAP_MKNOD).
     The default is ``overlay`` when this process has CAP_MKNOD, ``aufs`` otherwise. fusemount
-    reads both formats whatever this says; it decides what deletions write.
+    reads both formats whatever this says; it decides what deletions write. The format is
+    recorded in ``HOME/.whiteout-format`` when the home is made: a later open without the
+    option uses it, and one with the other format is refused (InvalidOption). A home made
+    before the record existed takes the format of its next open.
 ``mount_program``
     The FUSE program to run: ``fusemount`` (default: the console script next to this Python,
     or ``python -m fusemount.main``) or a path to another one with the same command line, such
@@ -65,7 +68,7 @@ from graphdrivers.store import atomic_write
 from graphdrivers.whiteout import WhiteoutFormat
 
 from .unionfs.base import UnionDriverBase
-from .unionfs.layout import DAEMON_PID_FILE
+from .unionfs.layout import DAEMON_PID_FILE, UnionLayout
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +114,7 @@ class UnionDriver(UnionDriverBase):
 
     def __init__(self, home: Path | str, options: Mapping[str, str] | None = None) -> None:
         opts = dict(options or {})
-        default = WhiteoutFormat.OVERLAY if has_capability(CAP_MKNOD) else WhiteoutFormat.AUFS
-        try:
-            self._whiteout = WhiteoutFormat(opts.get("whiteout", default.value))
-        except ValueError as exc:
-            raise InvalidOption(
-                f"union: whiteout={opts['whiteout']!r}; use overlay or aufs"
-            ) from exc
+        self._whiteout = choose_whiteout(UnionLayout(Path(home).absolute()), opts.get("whiteout"))
 
         program = opts.get("mount_program", DEFAULT_MOUNT_PROGRAM)
         if program == DEFAULT_MOUNT_PROGRAM:
@@ -139,6 +136,16 @@ class UnionDriver(UnionDriverBase):
     @property
     def whiteout_format(self) -> WhiteoutFormat:
         return self._whiteout
+
+    def _init_home(self) -> None:
+        super()._init_home()
+        # Under the store lock: of two processes making one home at once, the second sees the
+        # first one's record here, even though it read none in __init__.
+        recorded = self.layout.recorded_whiteout()
+        if recorded is None:
+            self.layout.record_whiteout(self._whiteout.value)
+        elif recorded != self._whiteout.value:
+            raise InvalidOption(_contradiction(self.layout.home, recorded, self._whiteout.value))
 
     def _check_host(self) -> None:
         if not os.path.exists(FUSE_DEVICE):
@@ -257,6 +264,32 @@ class UnionDriver(UnionDriverBase):
         except (FileNotFoundError, ValueError):
             return find_daemon(mountpoint)
         return pid if _serves(pid, mountpoint) else find_daemon(mountpoint)
+
+
+def choose_whiteout(layout: UnionLayout, requested: str | None) -> WhiteoutFormat:
+    """The whiteout format of a home: the one it was made with, else the asked or default one.
+
+    An explicit option that contradicts the home's record is refused rather than obeyed: one
+    home writing both formats would hold layers that each reader must guess the format of.
+    """
+    if requested is not None and requested not in {f.value for f in WhiteoutFormat}:
+        raise InvalidOption(f"union: whiteout={requested!r}; use overlay or aufs")
+    recorded = layout.recorded_whiteout()
+    if recorded is not None and requested is not None and requested != recorded:
+        raise InvalidOption(_contradiction(layout.home, recorded, requested))
+    if recorded is not None:
+        return WhiteoutFormat(recorded)
+    if requested is not None:
+        return WhiteoutFormat(requested)
+    return WhiteoutFormat.OVERLAY if has_capability(CAP_MKNOD) else WhiteoutFormat.AUFS
+
+
+def _contradiction(home: Path, recorded: str, requested: str) -> str:
+    return (
+        f"union: whiteout={requested} contradicts the home {home}, made with "
+        f"whiteout={recorded} (its layers hold {recorded} whiteouts); open it with "
+        f"whiteout={recorded} or without the option, or use a new home for {requested}"
+    )
 
 
 def find_daemon(mountpoint: Path) -> int | None:

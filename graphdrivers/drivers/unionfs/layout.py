@@ -18,6 +18,8 @@ Each layer keeps only its own changes, in ``diff/``; a mount stacks them::
     │   ├── mounted-by                     "<pid> <start time>" of the process that mounted
     │   │                                  merged/ (while it is mounted)
     │   └── daemon.pid                     union only: the fusemount daemon serving merged/
+    ├── .whiteout-format                   union only: "overlay" or "aufs", the format the
+    │                                      home was made with (no layer id starts with ".")
     ├── layers/ staging/ lock              the layer store (graphdrivers.store)
 
 A writable mount is ``lowerdir=<ancestors' diffs>,upperdir=diff,workdir=work`` (a base layer's
@@ -59,6 +61,7 @@ LINK_FILE = "link"
 LOWER_FILE = "lower"
 DAEMON_PID_FILE = "daemon.pid"
 OWNER_FILE = "mounted-by"
+WHITEOUT_FORMAT_FILE = ".whiteout-format"
 
 LAYER_DIR_MODE = 0o710
 BASE_ROOT_MODE = 0o755
@@ -82,6 +85,22 @@ class UnionLayout:
         """Make ``l/`` and ``empty/`` (idempotent)."""
         make_private_dir(self.link_dir)
         make_private_dir(self.empty_dir)
+
+    # ------------------------------------------------------------------ home records
+
+    def recorded_whiteout(self) -> str | None:
+        """The whiteout format the home was made with, or None (a new or older home).
+
+        One home holds one format: ``diff/`` dirs in two formats would make every reader of
+        them (a kernel overlay mount by hand, the native diff) guess per layer.
+        """
+        try:
+            return (self.home / WHITEOUT_FORMAT_FILE).read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def record_whiteout(self, fmt: str) -> None:
+        atomic_write(self.home / WHITEOUT_FORMAT_FILE, f"{fmt}\n".encode(), 0o644)
 
     # ------------------------------------------------------------------ paths
 
