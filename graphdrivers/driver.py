@@ -41,7 +41,9 @@ Semantics pinned here:
   ``put`` unmounts, ``put`` without ``get`` raises :class:`NotMounted`. ``readonly`` takes effect
   when that ``get`` is the one that mounts.
 - ``remove`` refuses a layer with children (:class:`LayerHasChildren`) or a mounted one
-  (:class:`LayerBusy`).
+  (:class:`LayerBusy`): mounted by this driver object, or, for drivers whose ``get`` makes a
+  real mount, by another live process (:meth:`Driver._mounted_elsewhere`). ``apply_diff`` to
+  an existing layer refuses the same mounts.
 - ``diff(id, parent)`` and ``changes(id, parent)`` compare ``id`` with ``parent``; with
   ``parent=None`` every entry of ``id`` counts as added (the full tree), as in moby.
 - ``apply_diff(id, parent, stream)`` unpacks a layer tar into ``id``. If ``id`` does not exist it
@@ -181,6 +183,40 @@ class Driver(abc.ABC):
     def _unmount(self, layer_id: LayerId) -> None:
         """Undo :meth:`_mount`; the default has nothing to undo."""
 
+    def _mount_present(self, layer_id: LayerId) -> bool | None:
+        """Whether the layer's mount is on the system now, whoever made it.
+
+        None (the default) for drivers whose ``get`` makes no real mount (vfs, btrfs): there
+        is nothing to find. The CLI uses it to tell a live mount record from a stale one.
+        """
+        return None
+
+    def _mounted_elsewhere(self, layer_id: LayerId) -> bool:
+        """True if a live mount of the layer exists that this driver object did not make.
+
+        Reference counts are per driver object, so without this another process's mount is
+        invisible to :meth:`remove` and :meth:`apply_diff`, which would pull the layer out
+        from under it. The default trusts :meth:`_mount_present`; a driver that records who
+        mounted (the union drivers) narrows it to live owners.
+        """
+        return self._refs.get(layer_id, 0) == 0 and self._mount_present(layer_id) is True
+
+    def _refuse_if_busy(self, layer_id: LayerId, verb: str) -> None:
+        """Raise LayerBusy if this object or another process has the layer mounted."""
+        refs = self._refs.get(layer_id, 0)
+        if refs > 0:
+            raise LayerBusy(
+                f"{verb}: layer {layer_id!r} is mounted ({refs} get(s) outstanding); "
+                "put() it first",
+                layer_id=layer_id,
+            )
+        if self._mounted_elsewhere(layer_id):
+            raise LayerBusy(
+                f"{verb}: layer {layer_id!r} is mounted by another process; "
+                "unmount it there first",
+                layer_id=layer_id,
+            )
+
     def _metadata(self, record: LayerRecord) -> dict[str, str]:
         """Driver-specific metadata keys (moby's names: SourceDir, UpperDir, DeviceId...)."""
         return {}
@@ -250,12 +286,7 @@ class Driver(abc.ABC):
             children = self.store.children(lid)
             if children:
                 raise LayerHasChildren(lid, children)
-            if self._refs.get(lid, 0) > 0:
-                raise LayerBusy(
-                    f"layer {lid!r} is mounted ({self._refs[lid]} get(s) outstanding); "
-                    "put() it before removing",
-                    layer_id=lid,
-                )
+            self._refuse_if_busy(lid, "remove")
 
             self.store.set_state(lid, LayerState.REMOVING)
             self._remove_layer(lid)
@@ -453,10 +484,7 @@ class Driver(abc.ABC):
                 )
             if self.store.children(lid):
                 raise LayerHasChildren(lid, self.store.children(lid))
-            if self._refs.get(lid, 0) > 0:
-                raise LayerBusy(
-                    f"apply_diff: layer {lid!r} is mounted; put() it first", layer_id=lid
-                )
+            self._refuse_if_busy(lid, "apply_diff")
 
             self.store.set_state(lid, LayerState.APPLYING)
             try:

@@ -106,9 +106,9 @@ class LayerBusy(DriverError):
 class NotMounted(DriverError):
     """``put`` of a layer that has no outstanding ``get``."""
 
-    def __init__(self, layer_id: str) -> None:
+    def __init__(self, layer_id: str, message: str | None = None) -> None:
         super().__init__(
-            f"put({layer_id!r}) without a matching get(); every put must follow a get",
+            message or f"put({layer_id!r}) without a matching get(); every put must follow a get",
             layer_id=layer_id,
         )
 

@@ -2,7 +2,8 @@
 
 The tar may be plain, gzip or zstd. If ID does not exist it is created on ``--parent`` first;
 if it exists, ``--parent`` defaults to its recorded parent. Prints the applied size (what
-``diff_size`` reports). A failed apply leaves no layer behind.
+``diff_size`` reports). A failed apply leaves no layer behind. A layer ``graphdrivers mount``
+left mounted is refused (LayerBusy, exit 5) before anything is read or changed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import os
 import sys
 from typing import BinaryIO, cast
 
-from graphdrivers.cli.common import Progress, ProgressReader, Subparsers, driver_from_args
+from graphdrivers.cli.common import (
+    Progress,
+    ProgressReader,
+    Subparsers,
+    driver_from_args,
+    refuse_if_cli_mounted,
+)
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -31,6 +38,9 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with driver_from_args(args) as driver, contextlib.ExitStack() as stack:
+        # Held until the apply is done (apply_diff holds it anyway): no mount slips in.
+        stack.enter_context(driver.store.lock())
+        refuse_if_cli_mounted(driver, args.id)
         if args.file == "-":
             raw: BinaryIO = sys.stdin.buffer
             total = None

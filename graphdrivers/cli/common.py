@@ -19,11 +19,16 @@ code  meaning
 
 Mounts that outlive the process: a CLI process ends after one verb, and a driver's reference
 counts live in its process. ``graphdrivers mount ID`` therefore leaves the layer mounted and
-writes a *CLI mount record* (``HOME/cli-mounts.json``: layer id -> mountpoint, readonly flag)
-under the store lock; ``graphdrivers umount ID`` in a later process finds the record, asks the
-driver to undo the mount and deletes the record. ``rm`` refuses a layer that has a record.
-Other verbs release the mounts they made themselves, and call :meth:`Driver.cleanup` (which
-unmounts everything under the home) only while no CLI mount record exists.
+writes a *CLI mount record* (``HOME/cli-mounts.json``: layer id -> mountpoint, readonly flag,
+the layer's creation time); ``graphdrivers umount ID`` in a later process finds the record,
+asks the driver to undo the mount and deletes the record. The look-up, the mount and the
+record happen under the store lock, so two ``mount`` commands at once mount a layer once.
+``rm`` and ``apply`` (the verbs that rewrite or remove a layer) refuse a layer that has a
+record. Records are checked whenever they are read: one whose layer is gone (or was made
+again) or whose mount is gone is dropped with an info log, so a stale record cannot wedge
+the home. Other verbs release the mounts they made themselves, and call
+:meth:`Driver.cleanup` (which unmounts everything under the home) only while no CLI mount
+record exists.
 
 Limitation: a verb that mounts a layer ``graphdrivers mount`` already mounted (``diff`` or
 ``changes`` of it, where the driver has no native diff) mounts it a second time in its own
@@ -60,7 +65,7 @@ from graphdrivers.errors import (
 )
 from graphdrivers.ids import LayerId, validate_layer_id
 from graphdrivers.registry import open_driver
-from graphdrivers.store import atomic_write
+from graphdrivers.store import LayerState, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +168,7 @@ def driver_options(args: argparse.Namespace) -> dict[str, str]:
 def driver_from_args(args: argparse.Namespace, *, keep_mounts: bool = False) -> Iterator[Driver]:
     """Open the driver the global options name; clean it up afterwards.
 
-    ``keep_mounts`` skips :func:`finish`, which would undo the mount that
+    ``keep_mounts`` skips :func:`finish` after success, which would undo the mount that
     ``graphdrivers mount`` is meant to leave in place.
     """
     home = home_of(args)
@@ -171,9 +176,11 @@ def driver_from_args(args: argparse.Namespace, *, keep_mounts: bool = False) -> 
     driver = open_driver(args.driver, home, driver_options(args))
     try:
         yield driver
-    finally:
-        if not keep_mounts:
-            finish(driver)
+    except BaseException:
+        finish(driver)  # a failed mount leaves nothing of its own behind either
+        raise
+    if not keep_mounts:
+        finish(driver)
 
 
 def finish(driver: Driver) -> None:
@@ -181,13 +188,19 @@ def finish(driver: Driver) -> None:
 
     A driver's cleanup unmounts everything under its home (also what other processes
     mounted, which is how it recovers from crashes), so it runs only when no
-    ``graphdrivers mount`` record is left.
+    ``graphdrivers mount`` record is left and no other live process has a layer mounted.
     """
-    for layer_id in driver.list_layers():
+    layers = driver.list_layers()
+    for layer_id in layers:
         while driver.is_mounted(layer_id):
             driver.put(layer_id)
-    if not cli_mounts(driver):
-        driver.cleanup()
+    if cli_mounts(driver):
+        return
+    held = [lid for lid in layers if driver._mounted_elsewhere(lid)]
+    if held:  # another live process (API user) has them mounted: leave its mounts alone
+        log.debug("not cleaning up: %s mounted by another process", ", ".join(held))
+        return
+    driver.cleanup()
 
 
 # --------------------------------------------------------------------------- CLI mount records
@@ -197,8 +210,7 @@ def _records_path(driver: Driver) -> Path:
     return driver.home / CLI_MOUNTS_FILE
 
 
-def cli_mounts(driver: Driver) -> dict[str, dict[str, Any]]:
-    """Layer id -> {"path", "readonly"} of the mounts ``graphdrivers mount`` left in place."""
+def _read_cli_mounts(driver: Driver) -> dict[str, dict[str, Any]]:
     try:
         data = json.loads(_records_path(driver).read_text())
     except FileNotFoundError:
@@ -211,6 +223,44 @@ def cli_mounts(driver: Driver) -> dict[str, dict[str, Any]]:
     return dict(data)
 
 
+def _stale_reason(driver: Driver, layer_id: str, record: Mapping[str, Any]) -> str | None:
+    """Why a CLI mount record no longer describes a live mount, or None if it still does."""
+    try:
+        lid = validate_layer_id(layer_id, driver.reserved_ids)
+    except InvalidLayerId:
+        return "its layer id is not valid"
+    layer = driver.store.get(lid)
+    if layer is None or layer.state is not LayerState.READY:
+        return "the layer no longer exists"
+    if "created" in record and record["created"] != layer.created:
+        return "the layer was removed and made again"
+    if driver._mount_present(lid) is False:
+        return "its mount is gone"
+    return None
+
+
+def cli_mounts(driver: Driver) -> dict[str, dict[str, Any]]:
+    """Layer id -> {"path", "readonly", "created"} of the live mounts ``graphdrivers mount`` left.
+
+    Records are never trusted blindly: a layer removed or remade behind the CLI's back, or a
+    mount undone by hand or by a crash cleanup, would otherwise make ``mount`` print a path
+    that is not mounted and ``umount``/``rm`` fail. Such records are dropped (info log) and
+    the file rewritten, under the store lock.
+    """
+    with driver.store.lock():
+        records = _read_cli_mounts(driver)
+        live = {}
+        for layer_id, record in records.items():
+            reason = _stale_reason(driver, layer_id, record)
+            if reason is None:
+                live[layer_id] = record
+            else:
+                log.info("dropping the stale CLI mount record of %s: %s", layer_id, reason)
+        if live != records:
+            _write_cli_mounts(driver, live)
+        return live
+
+
 def _write_cli_mounts(driver: Driver, records: Mapping[str, dict[str, Any]]) -> None:
     path = _records_path(driver)
     if records:
@@ -220,20 +270,54 @@ def _write_cli_mounts(driver: Driver, records: Mapping[str, dict[str, Any]]) -> 
             path.unlink()
 
 
-def record_cli_mount(driver: Driver, layer_id: str, path: Path, readonly: bool) -> None:
+def _mode(readonly: bool) -> str:
+    return "read-only" if readonly else "read-write"
+
+
+def mount_for_cli(driver: Driver, layer_id: str, readonly: bool) -> Path:
+    """Mount a layer for ``graphdrivers mount`` and record it, or return the live record's path.
+
+    Everything happens under the store lock (re-entrant in this process; the daemons a mount
+    starts do not inherit it), so a second ``mount`` waits and then finds the first one's
+    record instead of mounting the layer again. A record of the other mode is a conflict.
+    """
+    lid = validate_layer_id(layer_id, driver.reserved_ids)
     with driver.store.lock():
-        records = cli_mounts(driver)
-        records[layer_id] = {"path": str(path), "readonly": readonly}
+        known = cli_mounts(driver).get(lid)
+        if known is not None:
+            if bool(known["readonly"]) != readonly:
+                raise LayerBusy(
+                    f"layer {lid!r} is already mounted {_mode(bool(known['readonly']))}; "
+                    f"run 'graphdrivers umount {lid}' first to mount it {_mode(readonly)}",
+                    layer_id=lid,
+                    expected=_mode(bool(known["readonly"])),
+                    got=_mode(readonly),
+                )
+            return Path(known["path"])
+
+        path = driver.get(lid, readonly=readonly)
+        records = _read_cli_mounts(driver)
+        records[lid] = {
+            "path": str(path),
+            "readonly": readonly,
+            "created": driver.store.require(lid).created,
+        }
         _write_cli_mounts(driver, records)
+        return path
 
 
 def release_cli_mount(driver: Driver, layer_id: str) -> None:
-    """Undo a mount an earlier ``graphdrivers mount`` left, or raise NotMounted."""
+    """Undo a mount an earlier ``graphdrivers mount`` left.
+
+    LayerNotFound if the layer does not exist, NotMounted if it has no live record.
+    """
     lid: LayerId = validate_layer_id(layer_id, driver.reserved_ids)
     with driver.store.lock():
         records = cli_mounts(driver)
         if lid not in records:
-            raise NotMounted(lid)
+            if not driver.exists(lid):
+                raise LayerNotFound(lid)
+            raise NotMounted(lid, f"layer {lid!r} is not mounted; nothing to umount")
         # The reference count of the process that mounted is gone with it: ask the driver's
         # unmount hook directly, which works from the layer's on-disk state.
         driver._unmount(lid)
@@ -242,6 +326,10 @@ def release_cli_mount(driver: Driver, layer_id: str) -> None:
 
 
 def refuse_if_cli_mounted(driver: Driver, layer_id: str) -> None:
+    """LayerBusy if ``graphdrivers mount`` left the layer mounted (for rm and apply).
+
+    Call it with the store lock held across the change it guards, so no mount slips in.
+    """
     if layer_id in cli_mounts(driver):
         raise LayerBusy(
             f"layer {layer_id!r} is mounted by 'graphdrivers mount'; "

@@ -2,14 +2,15 @@
 
 The mount outlives this process: it is recorded in the home's CLI mount record and undone by
 ``graphdrivers umount ID`` (see :mod:`graphdrivers.cli.common`). Mounting a layer the CLI
-already mounted prints the recorded path again.
+already mounted in the same mode prints the recorded path again; in the other mode it is
+LayerBusy (exit 5). Two ``mount`` commands at once mount the layer once.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from graphdrivers.cli.common import Subparsers, cli_mounts, driver_from_args, record_cli_mount
+from graphdrivers.cli.common import Subparsers, driver_from_args, mount_for_cli
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -28,11 +29,6 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with driver_from_args(args, keep_mounts=True) as driver:
-        known = cli_mounts(driver).get(args.id)
-        if known is not None and driver.exists(args.id):
-            print(known["path"])
-            return 0
-        path = driver.get(args.id, readonly=args.readonly)
-        record_cli_mount(driver, args.id, path, args.readonly)
+        path = mount_for_cli(driver, args.id, args.readonly)
     print(path)
     return 0

@@ -20,7 +20,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with driver_from_args(args) as driver:
+    with driver_from_args(args) as driver, driver.store.lock():
         refuse_if_cli_mounted(driver, args.id)
         driver.remove(args.id, missing_ok=args.missing_ok)
     return 0

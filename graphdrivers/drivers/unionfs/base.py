@@ -151,6 +151,19 @@ class UnionDriverBase(Driver):
         self.layout.clear_owner(layer_id)
         self._readonly_mounts.discard(layer_id)
 
+    def _mount_present(self, layer_id: LayerId) -> bool | None:
+        merged = self.layout.merged_dir(layer_id)
+        return any(e.target == merged for e in mounts_under(merged))
+
+    def _mounted_elsewhere(self, layer_id: LayerId) -> bool:
+        """A mount whose recorded owner is another live process; a dead owner's is stale.
+
+        A stale mount (its process crashed) is detached by remove, as get replaces it.
+        """
+        if self._refs.get(layer_id, 0) > 0 or self.layout.live_owner(layer_id) is None:
+            return False
+        return self._mount_present(layer_id) is True
+
     def _cleanup(self) -> None:
         """Unmount what is left under the home: this process's mounts and crashed ones'.
 
