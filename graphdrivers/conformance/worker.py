@@ -12,12 +12,18 @@ Operations: ``create`` and ``remove`` of ``layer``; ``apply`` of the tar read fr
 ``layer`` on ``parent``; ``churn``, which creates, fills, checks and removes ``count`` layers
 named ``<layer>-<n>`` on ``parent`` and prints one line per layer. Exit status 0 means the
 operation finished; anything else is a failure the parent reports with this process's stderr.
+
+With ``"stop_at": STATE`` the worker stops itself (SIGSTOP) as soon as the record of
+``layer`` has been written in STATE: the crash checks use it for drivers whose operation is too
+quick to catch by watching from outside, so the kill still lands in the middle of it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,9 +46,26 @@ def _churn(driver: Any, job: dict[str, Any]) -> None:
         print(lid, flush=True)
 
 
+def _stop_at(layer_id: str, state: str) -> None:
+    """Make this process stop itself once ``layer_id``'s record is written in ``state``."""
+    from graphdrivers.store import LayerRecord, LayerStore
+
+    write = LayerStore.put
+
+    def put_then_stop(store: LayerStore, record: LayerRecord) -> None:
+        write(store, record)
+        if record.id == layer_id and record.state.value == state:
+            os.kill(os.getpid(), signal.SIGSTOP)  # the parent SIGKILLs us here
+
+    LayerStore.put = put_then_stop  # type: ignore[method-assign, assignment]
+
+
 def run_job(job: dict[str, Any]) -> None:
     """Open the driver and run the operation ``job`` names."""
     from graphdrivers.registry import resolve_factory
+
+    if job.get("stop_at"):
+        _stop_at(job["layer"], job["stop_at"])
 
     driver = resolve_factory(job["spec"])(Path(job["home"]), dict(job.get("options") or {}))
     try:
