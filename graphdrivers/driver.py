@@ -39,7 +39,8 @@ Semantics pinned here:
 
 - ``get``/``put`` are reference-counted per driver object: the first ``get`` mounts, the last
   ``put`` unmounts, ``put`` without ``get`` raises :class:`NotMounted`. ``readonly`` takes effect
-  when that ``get`` is the one that mounts.
+  when that ``get`` is the one that mounts. A ``get`` that would mount a layer another live
+  process has mounted (:meth:`Driver._mounted_elsewhere`) raises :class:`LayerBusy`.
 - ``remove`` refuses a layer with children (:class:`LayerHasChildren`) or a mounted one
   (:class:`LayerBusy`): mounted by this driver object, or, for drivers whose ``get`` makes a
   real mount, by another live process (:meth:`Driver._mounted_elsewhere`). ``apply_diff`` to
@@ -196,8 +197,9 @@ class Driver(abc.ABC):
 
         Reference counts are per driver object, so without this another process's mount is
         invisible to :meth:`remove` and :meth:`apply_diff`, which would pull the layer out
-        from under it. The default trusts :meth:`_mount_present`; a driver that records who
-        mounted (the union drivers) narrows it to live owners.
+        from under it, and to :meth:`get`, which would mount its filesystem a second time.
+        The default trusts :meth:`_mount_present`; a driver that records who mounted (the
+        union drivers) narrows it to live owners.
         """
         return self._refs.get(layer_id, 0) == 0 and self._mount_present(layer_id) is True
 
@@ -389,6 +391,11 @@ class Driver(abc.ABC):
                 return self._mounts[lid]
 
             record = self.store.require(lid)
+            if self._mounted_elsewhere(lid):  # a second mount of one filesystem corrupts it
+                raise LayerBusy(
+                    f"layer {lid!r} is mounted by another process; put() it there first",
+                    layer_id=lid,
+                )
             path = self._mount(record, readonly)
             self._refs[lid] = 1
             self._mounts[lid] = path

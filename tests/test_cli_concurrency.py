@@ -209,6 +209,7 @@ def test_rm_and_apply_refuse_a_layer_another_process_holds(
 
         assert "mounted by another process" in cli.fails(5, *drv, "rm", "held")
         assert "mounted by another process" in cli.fails(5, *drv, "apply", "held", str(tar))
+        cli.fails(5, *drv, "changes", "held", "--full")  # no second mount of it either
         assert (root / "f").read_text() == "held\n"
 
         out, err = holder.communicate(b"\n", timeout=120)

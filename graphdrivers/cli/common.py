@@ -31,8 +31,9 @@ the home. Other verbs release the mounts they made themselves, and call
 record exists.
 
 Limitation: a verb that mounts a layer ``graphdrivers mount`` already mounted (``diff`` or
-``changes`` of it, where the driver has no native diff) mounts it a second time in its own
-process; union-style drivers replace the earlier mount then, and the record outlives it.
+``changes`` of it, where the driver has no native diff) mounts it again in its own process:
+union-style drivers replace the earlier mount then, and the record is dropped as stale once
+that verb's unmount leaves nothing mounted; devicemapper refuses (LayerBusy, exit 5).
 """
 
 from __future__ import annotations
