@@ -230,9 +230,10 @@ def test_status_capabilities_and_registry(driver: VfsDriver, tmp_path: Path) -> 
 def test_a_failed_create_leaves_nothing(tmp_path: Path) -> None:
     # The home is on a small tmpfs: copying the base's 3 MiB file fills it up.
     small = tmp_path / "small"
-    with mounted_fs(small, "-t", "tmpfs", "-o", "size=4m", "tmpfs") as mnt, VfsDriver(
-        mnt / "home"
-    ) as driver:
+    with (
+        mounted_fs(small, "-t", "tmpfs", "-o", "size=4m", "tmpfs") as mnt,
+        VfsDriver(mnt / "home") as driver,
+    ):
         driver.create("base")
         with driver.mounted("base") as root:
             (root / "big").write_bytes(os.urandom(3 << 20))
