@@ -203,6 +203,16 @@ class Driver(abc.ABC):
         """
         return self._refs.get(layer_id, 0) == 0 and self._mount_present(layer_id) is True
 
+    def _mount_owner(self, layer_id: LayerId) -> int | None:
+        """The PID of the other live process that mounted the layer, where the driver records
+        who mounts (the union drivers); None where it does not."""
+        return None
+
+    def _elsewhere(self, layer_id: LayerId) -> str:
+        """How busy messages name the other process: by PID when the driver knows it."""
+        pid = self._mount_owner(layer_id)
+        return "another process" if pid is None else f"another process (PID {pid})"
+
     def _refuse_if_busy(self, layer_id: LayerId, verb: str) -> None:
         """Raise LayerBusy if this object or another process has the layer mounted."""
         refs = self._refs.get(layer_id, 0)
@@ -214,7 +224,7 @@ class Driver(abc.ABC):
             )
         if self._mounted_elsewhere(layer_id):
             raise LayerBusy(
-                f"{verb}: layer {layer_id!r} is mounted by another process; "
+                f"{verb}: layer {layer_id!r} is mounted by {self._elsewhere(layer_id)}; "
                 "unmount it there first",
                 layer_id=layer_id,
             )
@@ -393,7 +403,7 @@ class Driver(abc.ABC):
             record = self.store.require(lid)
             if self._mounted_elsewhere(lid):  # a second mount of one filesystem corrupts it
                 raise LayerBusy(
-                    f"layer {lid!r} is mounted by another process; put() it there first",
+                    f"layer {lid!r} is mounted by {self._elsewhere(lid)}; put() it there first",
                     layer_id=lid,
                 )
             path = self._mount(record, readonly)

@@ -56,6 +56,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pa
     shutil.rmtree(base, ignore_errors=True)
 
 
+# Pool sizes that fit any test machine (the 100G sparse default warns where disks are smaller).
+OPTIONS = {"devicemapper": {"dm.loopdatasize": "8G", "dm.loopmetadatasize": "64M"}}
+
+
 @pytest.fixture(params=driver_names())
 def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Driver]:
     """A fresh home of each built-in driver, where its module wants homes to be."""
@@ -64,7 +68,7 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Driver]:
     with hook() if hook is not None else contextlib.nullcontext() as root:
         home = Path(root if root is not None else tmp_path) / f"{name}-home"
         try:
-            opened = open_driver(name, home)
+            opened = open_driver(name, home, OPTIONS.get(name))
         except NotSupported as exc:
             pytest.skip(f"{name} is not supported here: {exc}")
         try:

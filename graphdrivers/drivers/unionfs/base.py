@@ -155,6 +155,9 @@ class UnionDriverBase(Driver):
         merged = self.layout.merged_dir(layer_id)
         return any(e.target == merged for e in mounts_under(merged))
 
+    def _mount_owner(self, layer_id: LayerId) -> int | None:
+        return self.layout.live_owner(layer_id)
+
     def _mounted_elsewhere(self, layer_id: LayerId) -> bool:
         """A mount whose recorded owner is another live process; a dead owner's is stale.
 
