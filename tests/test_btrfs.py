@@ -29,7 +29,7 @@ import pytest
 from graphdrivers.archive import changes_dirs
 from graphdrivers.driver import Change, Kind
 from graphdrivers.drivers.btrfs import findnew, ioctl
-from graphdrivers.drivers.btrfs.driver import QGROUPS_FILE, SUBVOLUMES_DIR, BtrfsDriver
+from graphdrivers.drivers.btrfs.driver import QGROUPS_FILE, SUBVOLUMES_DIR, BtrfsDriver, opened
 from graphdrivers.drivers.btrfs.loopback import IMAGE_NAME, MOUNT_NAME, loopback_btrfs
 from graphdrivers.errors import InvalidOption, LayerHasChildren, NotSupported, QuotaExceeded
 from graphdrivers.fsutil.fstype import mounts
@@ -91,15 +91,6 @@ def _destroy_all(path: Path) -> None:
         ioctl.subvolume_destroy(parent, path.name)
     finally:
         os.close(parent)
-
-
-@contextlib.contextmanager
-def opened(path: Path) -> Iterator[int]:
-    fd = ioctl.open_dir(path)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
 
 
 def write(path: Path, data: bytes) -> None:

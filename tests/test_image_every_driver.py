@@ -15,44 +15,30 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_image import BUSYBOX, DEBIAN, assert_same_tree, needs_images, needs_umoci, umoci_unpack
 
 from graphdrivers import open_driver
 from graphdrivers.cli.conformance import find_home_hook
-from graphdrivers.conformance.manifest import diff_manifests, manifest
 from graphdrivers.driver import Driver
 from graphdrivers.errors import NotSupported
 from graphdrivers.image import import_image
 from graphdrivers.registry import driver_names
 
-IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
-BUSYBOX = IMAGES / "busybox"
-DEBIAN = IMAGES / "debian-minbase"
-UMOCI = shutil.which("umoci")
-
-pytestmark = [
-    pytest.mark.skipif(not BUSYBOX.is_dir(), reason=f"missing test images {IMAGES}"),
-    pytest.mark.skipif(UMOCI is None, reason="missing tool umoci (Debian package umoci)"),
-]
+pytestmark = [needs_images, needs_umoci]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     """umoci's unpack of each image, made once for the module."""
     base = tmp_path_factory.mktemp("umoci")
-    trees = {}
-    for name, ref in (("busybox", f"{BUSYBOX}:1"), ("debian", f"{DEBIAN}:bookworm")):
-        bundle = base / name
-        run = subprocess.run(
-            [str(UMOCI), "unpack", "--image", ref, str(bundle)], capture_output=True, text=True
-        )
-        assert run.returncode == 0, f"umoci unpack {ref}: {run.stderr}"
-        trees[name] = bundle / "rootfs"
-    yield trees
+    yield {
+        "busybox": umoci_unpack(f"{BUSYBOX}:1", base / "busybox"),
+        "debian": umoci_unpack(f"{DEBIAN}:bookworm", base / "debian"),
+    }
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -78,21 +64,12 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Driver]:
             shutil.rmtree(home, ignore_errors=True)
 
 
-def assert_same_tree(want: Path, got: Path) -> None:
-    lines = diff_manifests(manifest(want), manifest(got))
-    if lines:
-        shown = "\n".join(lines[:60])
-        pytest.fail(
-            f"{len(lines)} entries of {got} differ from {want} (expected -> got):\n{shown}"
-        )
-
-
 def stacked_equals_reference(driver: Driver, image_ref: str, want: Path, tmp_path: Path) -> None:
     """Import, compare the top with ``want``, then carry the top's diff over to vfs."""
     ids = import_image(driver, image_ref)
     assert [driver.parent(i) for i in ids] == [None, *ids[:-1]]
     with driver.mounted(ids[-1], readonly=True) as root:
-        assert_same_tree(want, Path(root))
+        assert_same_tree(Path(root), want)
 
     # The top layer's diff, applied over the same parents elsewhere, gives the same tree.
     other = open_driver("vfs", tmp_path / "carried")
@@ -103,7 +80,7 @@ def stacked_equals_reference(driver: Driver, image_ref: str, want: Path, tmp_pat
                 other.apply_diff(layer, parent, stream)
             parent = layer
         with other.mounted(ids[-1], readonly=True) as root:
-            assert_same_tree(want, Path(root))
+            assert_same_tree(Path(root), want)
     finally:
         other.cleanup()
 
